@@ -1,0 +1,279 @@
+"""Typed run configuration: one dataclass per concern, YAML recipes, command-line overrides.
+
+Every field's ``help`` becomes the CLI help of ``--section.field``. A YAML recipe holds overrides only:
+
+    model: {name: mae_vit_base_patch16}
+    train: {epochs: 800, batch_size: 64}
+
+Precedence: dataclass defaults < recipe (``--config``) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from openmae.masking import MASK_TYPES
+
+AUGMENTATIONS = ("rrc", "crop", "none", "rrc_jitter")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def opt(default: Any, help: str, alias: str | None = None, choices: tuple | None = None) -> Any:
+    meta = {"help": help, "alias": alias, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("mae_vit_tiny_patch4", "registered model name (openmae models lists them)", alias="--model")
+    mask_ratio: float = opt(0.75, "fraction of patches removed, in [0, 1)", alias="--mask-ratio")
+    mask_type: str = opt("random", "mask sampler", choices=MASK_TYPES, alias="--mask")
+    norm_pix_loss: bool = opt(True, "regress per-patch normalised pixels (the paper's recipe)")
+    kwargs: dict = opt({}, "other constructor overrides, e.g. {decoder_depth: 4, embed_dim: 256}")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}; 0.75 is the paper's default")
+        if self.mask_type not in MASK_TYPES:
+            raise ConfigError(f"model.mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
+        from openmae.registry import model_factory
+
+        try:
+            model_factory(self.name)
+        except ValueError as e:
+            raise ConfigError(f"model.name: {e}") from None
+
+
+@dataclass
+class DataConfig:
+    name: str = opt(
+        "fashion-mnist",
+        "dataset: fashion-mnist, digits (scikit-learn), or folder (set --data PATH)",
+        alias="--dataset",
+    )
+    path: str | None = opt(None, "image folder (or a folder of Fashion-MNIST IDX files)", alias="--data")
+    img_size: int = opt(28, "training resolution in pixels", alias="--img-size")
+    channels: int | None = opt(None, "image channels; default 1 for the grayscale built-ins, 3 for folders")
+    augment: str = opt("rrc", "rrc: RandomResizedCrop+flip; crop: fixed-size crop+flip; none; rrc_jitter", choices=AUGMENTATIONS)
+    crop_scale: list = opt([0.2, 1.0], "RandomResizedCrop area range")
+    mean: list | None = opt(None, "per-channel normalisation mean (default: the dataset's)")
+    std: list | None = opt(None, "per-channel normalisation std (default: the dataset's)")
+    num_workers: int = opt(2, "data-loading processes per rank")
+    limit: int | None = opt(None, "use only the first N images (quick runs)")
+    max_bad_fraction: float = opt(0.05, "stop when more than this fraction of images fail to load")
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.name == "fashion-mnist" and not _looks_like_idx_dir(self.path):
+            self.name = "folder"  # `--data DIR` alone means an image folder
+        if self.name not in ("fashion-mnist", "digits", "folder"):
+            raise ConfigError(f"data.name must be fashion-mnist, digits or folder, got {self.name!r}")
+        if self.name == "folder":
+            if self.path is None:
+                raise ConfigError("data.name=folder needs a path: pass --data /path/to/images")
+            if not Path(self.path).is_dir():
+                raise ConfigError(f"data path {self.path} does not exist or is not a directory")
+        if self.img_size < 1:
+            raise ConfigError(f"data.img_size must be positive, got {self.img_size}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+    def num_channels(self) -> int:
+        if self.channels is not None:
+            return self.channels
+        return 3 if self.name == "folder" else 1
+
+
+def _looks_like_idx_dir(path: str) -> bool:
+    return Path(path).is_dir() and any(Path(path).glob("train-images-idx3-ubyte*"))
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = opt(1.5e-4, "lr = base_lr * effective batch / 256", alias="--blr")
+    lr: float | None = opt(None, "absolute learning rate (overrides base_lr)", alias="--lr")
+    min_lr: float = opt(0.0, "floor of the cosine schedule")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, 1-D params, tokens)")
+    betas: list = opt([0.9, 0.95], "AdamW betas")
+    warmup_epochs: float = opt(40.0, "linear warmup length in epochs", alias="--warmup-epochs")
+    clip_grad: float | None = opt(None, "clip the global gradient norm to this value (off by default)")
+
+    def __post_init__(self) -> None:
+        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ConfigError("learning rates must be positive")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers, got {self.betas}")
+
+    def resolved_lr(self, effective_batch: int) -> float:
+        return self.lr if self.lr is not None else self.base_lr * effective_batch / 256
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(10, "number of epochs", alias="--epochs")
+    batch_size: int = opt(128, "images per process per step (effective batch = this x accum x world)", alias="--batch-size")
+    accum_steps: int = opt(1, "gradient accumulation steps", alias="--accum")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (schedule still spans epochs)")
+    precision: str = opt("auto", "auto: bf16 autocast on CPU / capable GPUs, fp16 + scaler on others", choices=PRECISIONS)
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
+    seed: int = opt(0, "seed of data order, augmentation, masks and init", alias="--seed")
+    output_dir: str = opt("runs/pretrain", "where logs, checkpoints and the summary go", alias="--output")
+    save_every: int = opt(1, "save a checkpoint every N epochs")
+    save_every_steps: int | None = opt(None, "also save every N steps")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    log_every: int = opt(20, "log scalars every N steps")
+    resume: str | None = opt("auto", "checkpoint to resume: a path, 'auto' (latest in output dir) or 'none'", alias="--resume")
+    compile: bool = opt(False, "torch.compile the model")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "accum_steps", "save_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.resume in ("none", "None", "", "no"):
+            self.resume = None
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# -- YAML and command line --------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build ``cls`` from nested dicts; unknown keys are errors that list the valid ones."""
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in hints:
+            raise ConfigError(f"unknown setting {cls.__name__}.{key}; valid: {', '.join(hints)}")
+        kwargs[key] = from_dict(hints[key], value) if _is_section(hints[key]) else value
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs" else v
+    return out
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"no recipe {name_or_path!r}: give a YAML path or a shipped recipe ({names})")
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    with open(resolve_recipe(name_or_path)) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {name_or_path} must be a mapping of sections")
+    return data
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    value = yaml.safe_load(text)
+    base = _unwrap_optional(tp)
+    if value is None or base in (Any,):
+        return value
+    if base is bool:
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+        return value
+    if base is str:
+        return text
+    if base in (int, float):
+        try:
+            return base(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if base in (list, dict) and not isinstance(value, base):
+        raise argparse.ArgumentTypeError(f"expected a {base.__name__} like {'[a, b]' if base is list else '{k: v}'}, got {text!r}")
+    return value
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type = PretrainConfig) -> None:
+    """Add ``--section.field`` flags (and short aliases) for every field of a config dataclass."""
+    parser.add_argument("--config", help="YAML recipe: a path or a shipped name (see `openmae recipes`)")
+    for section, section_tp in _field_types(cls).items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(section_tp):
+            tp = _field_types(section_tp)[f.name]
+            flags = [f"--{section}.{f.name}"]
+            if f.metadata.get("alias"):
+                flags.append(f.metadata["alias"])
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(
+                *flags,
+                dest=f"{section}.{f.name}",
+                type=lambda s, tp=tp: _parse_value(s, tp),
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper() if _unwrap_optional(tp) is not bool else "BOOL",
+                help=f"{f.metadata.get('help', '')} (default: {default})",
+            )
+
+
+def config_from_args(args: argparse.Namespace, cls: type = PretrainConfig) -> Any:
+    """Defaults < recipe < flags; validation runs in each section's ``__post_init__``."""
+    data: dict[str, Any] = load_recipe(args.config) if getattr(args, "config", None) else {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            data.setdefault(section, {})
+            if name == "kwargs" and isinstance(value, dict):
+                data[section][name] = {**data[section].get(name, {}), **value}
+            else:
+                data[section][name] = value
+    return from_dict(cls, data)
