@@ -1,0 +1,45 @@
+"""``openmae <command>``: each command lives in ``openmae/commands/<name>.py`` and exposes
+``add_parser(subparsers)`` (which sets ``func``) and the function it sets."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# one module per command under openmae/commands/
+COMMANDS = ["pretrain", "models", "recipes"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from openmae import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="openmae",
+        description="Masked-autoencoder pretraining and evaluation for vision models.",
+    )
+    parser.add_argument("--version", action="version", version=f"openmae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"openmae.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from openmae.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"openmae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
