@@ -66,11 +66,11 @@ class MaskedAutoencoder(ViTEncoder):
         self.norm_pix_loss = norm_pix_loss
         self.mask_token_in_encoder = mask_token_in_encoder
         self.mask_type = mask_type
-        if mask_token_in_encoder:
-            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        if mask_token_in_encoder:  # the decoder then gets all L tokens and needs no mask token
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        else:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(
             sincos_2d(decoder_embed_dim, self.grid_size, cls_token=True).unsqueeze(0), requires_grad=False
         )
@@ -85,9 +85,8 @@ class MaskedAutoencoder(ViTEncoder):
     def reset_parameters(self) -> None:
         self.apply(init_weights)
         self.init_encoder_weights()
-        nn.init.normal_(self.mask_token, std=0.02)
-        if self.mask_token_in_encoder:
-            nn.init.normal_(self.encoder_mask_token, std=0.02)
+        token = self.encoder_mask_token if self.mask_token_in_encoder else self.mask_token
+        nn.init.normal_(token, std=0.02)
 
     # -- the method's steps -------------------------------------------------------------------
 
@@ -201,10 +200,7 @@ class MaskedAutoencoder(ViTEncoder):
         return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore)
 
     def no_weight_decay(self) -> set[str]:
-        names = super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
-        if self.mask_token_in_encoder:
-            names.add("encoder_mask_token")
-        return names
+        return super().no_weight_decay() | {"mask_token", "encoder_mask_token", "decoder_pos_embed"}
 
 
 def _mae(name: str, **defaults):

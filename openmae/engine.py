@@ -1,0 +1,393 @@
+"""The one training loop. Tasks differ by a small object that turns a batch into ``{"loss": ...}``.
+
+Order of wrapping (done here, never inside models): build the plain model on the device ->
+optional ``torch.compile`` -> DDP. Checkpoints always hold the plain module's state dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+import yaml
+from torch import Tensor
+
+from openmae import checkpoint as ckpt
+from openmae.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from openmae.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, resolve_device, wrap_ddp
+from openmae.optim import build_adamw, cosine_lr, set_lr
+from openmae.precision import Precision, resolve_precision
+
+
+class Task(Protocol):
+    """What the engine needs from a pretraining / fine-tuning / probing task."""
+
+    model: nn.Module
+
+    def param_groups(self, weight_decay: float) -> list[dict]: ...
+
+    def __call__(self, model: nn.Module, batch: Any, epoch: int) -> dict[str, Tensor]: ...
+
+
+@dataclass
+class RunContext:
+    """What hooks see: the run's place, devices and writers."""
+
+    out_dir: Path
+    device: torch.device
+    dist: DistInfo
+    precision: Precision
+    writer: Any = None  # TensorBoard SummaryWriter on the main rank, else None
+    epoch: int = 0
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def describe_environment(dist: DistInfo) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("openmae", "torch", "torchvision", "timm", "safetensors", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "command": shlex.join(sys.argv),
+        "git_sha": _git_sha(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "world_size": dist.world_size,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+class Trainer:
+    """Run a task for ``train.epochs`` epochs with AdamW, warmup + cosine, accumulation,
+    optional clipping, mixed precision, DDP, logging and atomic, resumable checkpoints.
+
+    Args:
+        task: turns a batch into ``{"loss": ...}``; may define ``on_epoch_end(ctx)`` returning
+            metrics, ``on_train_end(ctx)``, and ``describe()`` (extra summary fields).
+        dataset: the training dataset (see openmae.data).
+        train, optim: the run's settings.
+        config: the whole resolved config, written next to the outputs and into checkpoints.
+    """
+
+    def __init__(self, task: Task, dataset, train: TrainConfig, optim: OptimConfig, config: dict[str, Any]):
+        self.task = task
+        self.dataset = dataset
+        self.cfg = train
+        self.optim_cfg = optim
+        self.config = config
+        self.device = resolve_device(train.device)
+        self.dist = init_distributed(self.device)
+        self.precision = resolve_precision(train.precision, self.device)
+        self.out_dir = Path(train.output_dir)
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def steps_per_epoch(self) -> int:
+        per_rank = len(self.dataset) // self.dist.world_size
+        micro = per_rank // self.cfg.batch_size
+        steps = micro // self.cfg.accum_steps
+        if steps < 1:
+            raise ConfigError(
+                f"the dataset has {len(self.dataset)} images, too few for one step of "
+                f"batch {self.cfg.batch_size} x accum {self.cfg.accum_steps} x {self.dist.world_size} processes; "
+                "lower --batch-size or add images"
+            )
+        return steps
+
+    def effective_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.accum_steps * self.dist.world_size
+
+    def _write_run_files(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+        env = describe_environment(self.dist)
+        ckpt.atomic_write_text(self.out_dir / "environment.json", json.dumps(env, indent=2) + "\n")
+        with open(self.out_dir / "command.txt", "a") as f:
+            f.write(env["command"] + "\n")
+
+    def _find_resume(self) -> Path | None:
+        spec = self.cfg.resume
+        if spec is None:
+            return None
+        if spec == "auto":
+            return ckpt.latest_checkpoint(self.out_dir)
+        path = Path(spec)
+        if path.is_dir():
+            found = ckpt.latest_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(f"--resume {spec}: no checkpoint-*.safetensors in that folder")
+            return found
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {spec}: no such file")
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        from openmae.data import BadImageTracker, build_loader
+
+        cfg, dist, device = self.cfg, self.dist, self.device
+        seed_everything(cfg.seed)
+        steps_per_epoch = self.steps_per_epoch()
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup_steps = round(self.optim_cfg.warmup_epochs * steps_per_epoch)
+        peak_lr = self.optim_cfg.resolved_lr(self.effective_batch())
+
+        resume_path = self._find_resume()
+        model = self.task.model.to(device)
+        groups = self.task.param_groups(self.optim_cfg.weight_decay)
+        optimizer = build_adamw(groups, peak_lr, self.optim_cfg.betas)
+        scaler = self.precision.scaler()
+        step = 0
+        if resume_path is not None:
+            state = ckpt.load_training_state(resume_path)
+            ckpt.load_state(model, state["model"], source=str(resume_path))
+            optimizer.load_state_dict(state["optimizer"])
+            if state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"], device)
+            step = int(state["info"]["step"])
+            if dist.is_main:
+                print(f"resuming from {resume_path} at step {step}/{total_steps}", file=sys.stderr)
+        if dist.is_main:
+            self._write_run_files()
+        barrier(dist)
+
+        train_model = torch.compile(model) if cfg.compile else model
+        train_model = wrap_ddp(train_model, dist, device)
+        writer = self._writer()
+        ctx = RunContext(self.out_dir, device, dist, self.precision, writer)
+        tracker = BadImageTracker()
+        metrics_path = self.out_dir / "metrics.jsonl"
+        start_epoch, skip = divmod(step, steps_per_epoch)
+        t_start = time.perf_counter()
+        images_done = 0
+        last_loss = float("nan")
+
+        bar = None
+        if dist.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
+
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            ctx.epoch = epoch
+            loader = build_loader(
+                self.dataset,
+                cfg.batch_size,
+                world_size=dist.world_size,
+                rank=dist.rank,
+                seed=cfg.seed,
+                num_workers=self._num_workers(),
+                epoch=epoch,
+                skip_batches=skip * cfg.accum_steps,
+                pin_memory=device.type == "cuda",
+            )
+            skip = 0
+            model.train()
+            loss_sum = torch.zeros((), device=device)  # summed on device: no per-step host sync
+            loss_count = 0
+            window_t, window_images = time.perf_counter(), 0
+            micro = 0
+            for batch in loader:
+                tracker.update(batch)
+                tracker.check(self._max_bad_fraction())
+                if batch.images.shape[0] == 0:
+                    continue
+                if micro == 0:
+                    lr = cosine_lr(step, total_steps, warmup_steps, peak_lr, self.optim_cfg.min_lr)
+                    set_lr(optimizer, lr)
+                micro += 1
+                last_micro = micro == cfg.accum_steps
+                sync = train_model.no_sync() if (dist.enabled and not last_micro) else contextlib.nullcontext()
+                with sync:
+                    with self.precision.autocast():
+                        out = self.task(train_model, _to_device(batch, device), epoch)
+                    loss = out["loss"]
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                window_images += batch.images.shape[0] * dist.world_size
+                if not last_micro:
+                    continue
+                micro = 0
+                if self.optim_cfg.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), self.optim_cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+
+                if step % cfg.log_every == 0 or step == total_steps:
+                    mean_loss = all_reduce_sum(loss_sum.clone(), dist).item() / (loss_count * dist.world_size)
+                    if not math.isfinite(mean_loss):
+                        raise FloatingPointError(
+                            f"loss is {mean_loss} at step {step}; lower the learning rate or try --train.precision fp32"
+                        )
+                    elapsed = time.perf_counter() - window_t
+                    ips = window_images / max(elapsed, 1e-9)
+                    last_loss = mean_loss
+                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr, "images_per_s": ips}
+                    if dist.is_main:
+                        ctx.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": ips}, step)
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
+                    images_done += window_images
+                    loss_sum.zero_()
+                    loss_count = 0
+                    window_t, window_images = time.perf_counter(), 0
+
+                if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                    self._save(model, optimizer, scaler, step, epoch, device)
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+                if step % steps_per_epoch == 0:
+                    break  # drop a trailing partial accumulation window
+            images_done += window_images
+            epoch_done = step % steps_per_epoch == 0 and step > 0
+            if epoch_done:
+                ctx.step = step
+                hook = getattr(self.task, "on_epoch_end", None)
+                metrics = hook(ctx) if hook is not None else None
+                if dist.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"epoch_end": epoch + 1, "step": step, **(metrics or {})}) + "\n")
+                if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                    self._save(model, optimizer, scaler, step, epoch, device)
+
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t_start
+        ctx.step = step
+        summary = {
+            "steps": step,
+            "total_steps": total_steps,
+            "epochs": cfg.epochs,
+            "final_loss": last_loss,
+            "effective_batch": self.effective_batch(),
+            "peak_lr": peak_lr,
+            "seconds": round(elapsed, 2),
+            "images_per_s": round(images_done / max(elapsed, 1e-9), 2),
+            "precision": self.precision.name,
+            "device": str(device),
+            "world_size": dist.world_size,
+            "bad_images": tracker.summary(),
+        }
+        end_hook = getattr(self.task, "on_train_end", None)
+        if end_hook is not None:
+            summary.update(end_hook(ctx) or {})
+        if dist.is_main:
+            ckpt.save_pretrained(model, self.out_dir / "model.safetensors")
+            ckpt.atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            if writer is not None:
+                writer.close()
+            bad = tracker.summary()
+            if bad["failed"]:
+                print(f"{bad['failed']} of {bad['seen']} images could not be read:", file=sys.stderr)
+                for line in bad["examples"]:
+                    print(f"  {line}", file=sys.stderr)
+        barrier(dist)
+        return summary
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _num_workers(self) -> int:
+        return int(self.config.get("data", {}).get("num_workers", 0))
+
+    def _max_bad_fraction(self) -> float:
+        return float(self.config.get("data", {}).get("max_bad_fraction", 0.05))
+
+    def _writer(self):
+        if not self.dist.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.out_dir / "tb"))
+
+    def _save(self, model, optimizer, scaler, step: int, epoch: int, device: torch.device) -> None:
+        if self.dist.is_main:
+            info = {"step": step, "epoch": epoch + 1, "config": self.config}
+            path = self.out_dir / ckpt.checkpoint_name(step)
+            ckpt.save_training_state(path, model, optimizer, info, rng_state(device), scaler.state_dict())
+            for old in ckpt.list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        barrier(self.dist)
+
+
+def _to_device(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    nb = device.type == "cuda"
+    batch.images = batch.images.to(device, non_blocking=nb)
+    batch.labels = batch.labels.to(device, non_blocking=nb)
+    return batch
+
+
+def run_dir_summary(out_dir: str | os.PathLike) -> dict[str, Any]:
+    with open(Path(out_dir) / "summary.json") as f:
+        return json.load(f)
