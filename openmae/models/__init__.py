@@ -1,6 +1,7 @@
 """Model families; importing this module registers every variant."""
 
 from openmae.models import mae  # noqa: F401
+from openmae.models import convmae  # noqa: F401
 from openmae.models.mae import MAEOutput, MaskedAutoencoder
 from openmae.models.vit import ViTEncoder
 
