@@ -1,0 +1,640 @@
+"""Datasets, transforms, samplers and loaders.
+
+Three sources behind one ``ImageDataset``: Fashion-MNIST (IDX files, held in memory as uint8),
+scikit-learn's 8x8 digits (in memory), and image folders (decoded with PIL on access).
+
+Determinism contract, relied on by exact resume and by DDP == single-process equality:
+
+- the random transform of sample ``i`` in epoch ``e`` is a pure function of ``(seed, e, i)``:
+  it runs under a forked CPU RNG seeded from that triple, so it does not depend on the number of
+  workers, the rank, or which samples were loaded before (and it leaves the caller's RNG alone);
+- the order of an epoch is a permutation drawn from ``seed + epoch``; with W ranks of batch b,
+  local batch k of all ranks together is batch k of one process with batch W*b (``ShardedSampler``).
+
+A file that cannot be decoded does not stop training: its sample comes back with image ``None``,
+``collate`` drops it and lists its index in ``Batch.failed``, and ``BadImageTracker`` stops the run
+once too large a fraction of the images has failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from openmae.config import DataConfig
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Normalisation defaults, per channel of the stored images.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+# Pixel statistics of the digits train split (80%, values 0..16 scaled to 0..255) at native 8x8.
+DIGITS_MEAN, DIGITS_STD = (0.3055,), (0.3759,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+DIGITS_TRAIN_FRACTION = 0.8
+DIGITS_SPLIT_SEED = 0  # fixed: the train/test split must not move with the run seed
+MIN_SEEN_FOR_BAD_CHECK = 20
+
+
+# -- per-sample seeding ------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample's transform; a pure function of its arguments."""
+    mask = (1 << 64) - 1  # SeedSequence wants non-negative entropy; negative run seeds still work
+    words = np.random.SeedSequence([seed & mask, epoch & mask, index & mask]).generate_state(1, dtype=np.uint64)
+    return int(words[0]) >> 1
+
+
+# -- transforms --------------------------------------------------------------------------------
+
+
+def build_transform(
+    cfg: DataConfig, channels: int, mean: Sequence[float], std: Sequence[float], train: bool
+) -> v2.Compose:
+    """uint8 (C, H, W) tensor -> normalised float32 (C, img_size, img_size).
+
+    Args:
+        cfg: ``augment``, ``img_size`` and ``crop_scale`` are read from it.
+        channels: channel count of the input; saturation jitter needs 3.
+        mean, std: per-channel normalisation, ``channels`` values each.
+        train: the random ``cfg.augment`` recipe; False gives the deterministic eval transform
+            (resize the shorter side to img_size, then center crop), whatever ``cfg.augment`` says.
+    """
+    size = cfg.img_size
+    bicubic = v2.InterpolationMode.BICUBIC
+    kind = cfg.augment if train else "none"
+    if kind in ("rrc", "rrc_jitter"):  # MAE's pretraining recipe
+        steps: list[Callable] = [
+            v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), interpolation=bicubic, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+        if kind == "rrc_jitter":
+            steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4 if channels == 3 else 0.0))
+    elif kind == "crop":
+        steps = [
+            v2.Resize(round(size / 0.875), interpolation=bicubic, antialias=True),  # the 224/256 eval ratio
+            v2.RandomCrop(size),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:
+        steps = [v2.Resize(size, interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+
+def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit int and float grayscale to 0..255 by scaling, never by clipping."""
+    a = a.astype(np.float64)
+    if mode.startswith("I;16") or (mode == "I" and a.min() >= 0 and a.max() <= 65535):
+        a = a / 257.0  # 65535 -> 255 exactly
+    elif mode == "F" and a.min() >= 0 and a.max() <= 1:
+        a = a * 255.0
+    else:  # no known range: stretch this image's own range
+        lo, hi = a.min(), a.max()
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.round(a).clip(0, 255).astype(np.uint8)
+
+
+def _convert(im: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode to 'L' (1 channel) or 'RGB' (3); transparency is composited over white."""
+    if im.mode.startswith("I") or im.mode == "F":
+        im = Image.fromarray(_wide_to_uint8(np.asarray(im), im.mode))
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if im.mode not in ("L", "RGB"):  # CMYK, P, 1, YCbCr, LAB, HSV, composited RGBA
+        im = im.convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def load_image(path: str | os.PathLike, channels: int) -> Tensor | None:
+    """Decode one file to a uint8 (C, H, W) tensor, upright per its EXIF; None if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+            array = np.array(_convert(im, channels))  # (H, W) or (H, W, 3), an owned copy
+    except Exception:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...: all mean "bad file"
+        return None
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+# -- dataset -----------------------------------------------------------------------------------
+
+
+class ImageDataset(Dataset):
+    """Images in memory (uint8 arrays) or on disk (paths), with labels and a seeded transform.
+
+    ``dataset[i]`` is ``(image, label, i)``: image a float32 (C, img_size, img_size) tensor,
+    normalised with ``mean``/``std``, or ``None`` when the file could not be decoded (the index
+    travels with it so that ``collate`` can report which file); label an int, -1 if unlabelled.
+    Nothing is remembered about failures here: loader workers are separate processes.
+
+    Attributes:
+        classes: class names, index = label; [] when unlabelled.
+        channels: C of the images produced.
+        paths: file paths (folders), else None.
+        labels: (N,) int64 array.
+        mean, std: the normalisation, ``channels`` floats each.
+        seed, epoch: with the index, these seed each sample's transform (see ``set_epoch``).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        transform: Callable[[Tensor], Tensor],
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        images: np.ndarray | None = None,
+        paths: Sequence[str] | None = None,
+        classes: Sequence[str] = (),
+        seed: int = 0,
+    ) -> None:
+        """Exactly one of ``images`` ((N, H, W) grayscale or (N, H, W, C) uint8) and ``paths``."""
+        if (images is None) == (paths is None):
+            raise ValueError("ImageDataset needs exactly one of images= (an in-memory array) or paths= (files)")
+        if images is not None and (
+            images.dtype != np.uint8
+            or not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] in (1, channels)))
+        ):
+            raise ValueError(
+                f"images must be uint8 (N, H, W) or (N, H, W, {channels}), got {images.dtype} {images.shape}"
+            )
+        self.images = images
+        self.paths = [str(p) for p in paths] if paths is not None else None
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(self):
+            raise ValueError(f"{len(self.labels)} labels for {len(self)} images")
+        self.transform = transform
+        self.channels = channels
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.classes = list(classes)
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.paths is not None else len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation of ``epoch``; call before the loader starts its workers."""
+        self.epoch = epoch
+
+    def load(self, index: int) -> Tensor | None:
+        """The untransformed uint8 (C, H, W) image; None if its file cannot be decoded."""
+        if self.paths is not None:
+            return load_image(self.paths[index], self.channels)
+        image = torch.tensor(self.images[index])  # a copy: transforms must never write into the array
+        image = image.unsqueeze(0) if image.dim() == 2 else image.permute(2, 0, 1)
+        if image.shape[0] == 1 and self.channels == 3:
+            image = image.repeat(3, 1, 1)
+        return image
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, int]:
+        index = int(index)
+        image = self.load(index)
+        if image is not None:
+            with torch.random.fork_rng(devices=[]):
+                # Only the CPU generator: transforms draw from it, and torch.manual_seed would also
+                # seed every accelerator, at ~100x the cost.
+                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+                image = self.transform(image)
+        return image, int(self.labels[index]), index
+
+
+# -- sources -----------------------------------------------------------------------------------
+
+
+class _Source(NamedTuple):
+    labels: np.ndarray
+    classes: list[str]
+    mean: tuple[float, ...]  # defaults, per stored channel (1 for grayscale sources)
+    std: tuple[float, ...]
+    images: np.ndarray | None = None
+    paths: list[str] | None = None
+
+
+def read_idx(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """Read an unsigned-byte IDX file (plain or .gz) into a (N, ...) uint8 array.
+
+    With ``limit`` only the first ``limit`` items are read, so quick runs skip decompressing the rest.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        magic = f.read(4)
+        if len(magic) != 4 or magic[:2] != b"\0\0":
+            raise ValueError(f"{path} is not an IDX file (header {magic!r})")
+        type_code, ndim = magic[2], magic[3]
+        if type_code != 0x08:
+            raise ValueError(f"{path}: only unsigned-byte IDX data (type 0x08) is supported, got 0x{type_code:02x}")
+        header = f.read(4 * ndim)
+        if ndim == 0 or len(header) != 4 * ndim:
+            raise ValueError(f"{path}: truncated or empty IDX header")
+        dims = struct.unpack(f">{ndim}I", header)
+        count = dims[0] if limit is None else min(dims[0], limit)
+        item_size = math.prod(dims[1:])
+        data = f.read(count * item_size)
+    if len(data) != count * item_size:
+        raise ValueError(f"{path} is truncated: expected {count * item_size} bytes of data, found {len(data)}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(count, *dims[1:]).copy()
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    for name in (stem, f"{stem}.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {folder}. Install the dataset with "
+        "`apt-get install dataset-fashion-mnist` (it goes to /usr/share/datasets/fashion-mnist), "
+        "or pass `--data DIR` with a folder holding the four IDX files "
+        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)."
+    )
+
+
+def _fashion_mnist(path: str | None, split: str, limit: int | None) -> _Source:
+    folder = Path(path) if path is not None else FASHION_MNIST_DIR
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"), limit)  # (N, 28, 28)
+    labels = read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"), limit)  # (N,)
+    if len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST in {folder}: {len(images)} {prefix} images but {len(labels)} labels")
+    return _Source(labels.astype(np.int64), FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, images=images)
+
+
+def _digits(split: str, limit: int | None) -> _Source:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(images))
+    n_train = int(DIGITS_TRAIN_FRACTION * len(images))
+    keep = order[:n_train] if split == "train" else order[n_train:]
+    keep = keep[:limit]
+    classes = [str(d) for d in range(10)]
+    return _Source(digits.target[keep].astype(np.int64), classes, DIGITS_MEAN, DIGITS_STD, images=images[keep])
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under ``root`` (recursive, symlinks followed, hidden files and folders skipped).
+
+    Sorted by path components, so a tree lists the same way on every machine.
+    """
+    root = Path(root)
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .git, macOS ._ forks, checkpoints
+        found += [
+            Path(folder, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def _split_roots(root: Path) -> tuple[Path, Path | None]:
+    """(train root, eval root): train/ with val/ (or test/) when present, else the whole folder and None."""
+    if (root / "train").is_dir():
+        for name in ("val", "test"):
+            if (root / name).is_dir():
+                return root / "train", root / name
+    return root, None
+
+
+def _subfolder_names(folder: Path) -> set[str]:
+    return {d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")}
+
+
+def _image_folder(path: str, split: str, limit: int | None) -> _Source:
+    root = Path(path)
+    train_root, eval_root = _split_roots(root)
+    if split == "test" and eval_root is None:
+        raise ValueError(
+            f"{root} has no train/ + val/ (or test/) subfolders, so it has no test split; "
+            "lay it out as ROOT/train/... and ROOT/val/... to evaluate on held-out images"
+        )
+    split_root = train_root if split == "train" else eval_root
+    files = find_images(split_root)
+    if not files:
+        raise ValueError(
+            f"no images found in {split_root} (searched recursively for {' '.join(IMAGE_EXTENSIONS)}, any case)"
+        )
+    files = files[:limit]
+    parts = [f.relative_to(split_root).parts for f in files]
+    if all(len(p) > 1 for p in parts):  # every image in a class folder
+        # Both splits name their classes from the same folders, so label indices agree between them.
+        names = _subfolder_names(train_root) | (_subfolder_names(eval_root) if eval_root is not None else set())
+        classes = sorted(names)
+        index = {name: i for i, name in enumerate(classes)}
+        labels = np.array([index[p[0]] for p in parts], dtype=np.int64)
+    else:
+        classes, labels = [], np.full(len(files), -1, dtype=np.int64)
+    return _Source(labels, classes, IMAGENET_MEAN, IMAGENET_STD, paths=[str(f) for f in files])
+
+
+def _per_channel(values: Sequence[float], channels: int, what: str, user_given: bool) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if not user_given and channels == 1:  # RGB defaults for a grayscale view: their average
+        return (sum(values) / len(values),)
+    raise ValueError(f"data.{what} needs 1 or {channels} values (one per channel), got {list(values)}")
+
+
+def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = True, seed: int = 0) -> ImageDataset:
+    """The dataset ``cfg`` names, for one split.
+
+    Args:
+        cfg: which source, resolution, channels, augmentation, normalisation and ``limit``.
+        split: "train" or "test" (Fashion-MNIST t10k; the 20% digits hold-out; a folder's val/ or test/).
+        augment: False gives the deterministic eval transform whatever ``cfg.augment`` says.
+        seed: seeds each sample's augmentation together with the epoch and the index.
+
+    Folders are labelled when every image of the split sits in a first-level subfolder; the classes
+    are then the sorted first-level subfolder names (of train/ and val/ together, so that both splits
+    share one index space). Otherwise every label is -1 and ``classes`` is empty.
+
+    Normalisation defaults: Fashion-MNIST 0.2860/0.3530; digits 0.3055/0.3759 (its train split's
+    pixel statistics); folders ImageNet's, averaged over RGB for 1-channel folders.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    channels = cfg.num_channels()
+    if channels not in (1, 3):
+        raise ValueError(f"data.channels must be 1 or 3, got {channels}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"data.limit must be a positive number of images, got {cfg.limit}")
+    if cfg.name == "fashion-mnist":
+        source = _fashion_mnist(cfg.path, split, cfg.limit)
+    elif cfg.name == "digits":
+        source = _digits(split, cfg.limit)
+    elif cfg.name == "folder":
+        source = _image_folder(cfg.path, split, cfg.limit)
+    else:
+        raise ValueError(f"unknown dataset {cfg.name!r}; expected fashion-mnist, digits or folder")
+    mean = _per_channel(cfg.mean if cfg.mean is not None else source.mean, channels, "mean", cfg.mean is not None)
+    std = _per_channel(cfg.std if cfg.std is not None else source.std, channels, "std", cfg.std is not None)
+    if min(std) <= 0:
+        raise ValueError(f"data.std must be positive, got {list(std)}")
+    return ImageDataset(
+        source.labels,
+        build_transform(cfg, channels, mean, std, train=augment),
+        channels,
+        mean,
+        std,
+        images=source.images,
+        paths=source.paths,
+        classes=source.classes,
+        seed=seed,
+    )
+
+
+# -- sampling and loading ----------------------------------------------------------------------
+
+
+class ShardedSampler(Sampler[int]):
+    """One rank's share of an epoch's order; the same samples and batches on any number of ranks.
+
+    Epoch ``e`` permutes the dataset with ``seed + e`` (or keeps it in order), drops the tail that
+    does not fill a global batch of ``world_size * batch_size``, and rank r takes ``perm[r::W]``.
+    So local batch k of all ranks together is batch k of a single process with batch W*b, rank r's
+    local row j being that batch's row ``r + j*W``.
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        world_size: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int = 1,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank {rank} of {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dataset_len < world_size * batch_size:
+            raise ValueError(
+                f"the dataset has {dataset_len} images, fewer than one global batch "
+                f"({world_size} ranks x {batch_size}); lower the batch size or use more data"
+            )
+        self.dataset_len = dataset_len
+        self.world_size = world_size
+        self.rank = rank
+        self.shuffle = shuffle
+        self.seed = seed
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch's order; a resumed run skips the ``skip_batches`` local batches it already did.
+
+        The skip belongs to this epoch only: the next ``set_epoch`` call starts from its first batch.
+        """
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def global_order(self) -> Tensor:
+        """(W * b * num_batches,) dataset indices of this epoch, for all ranks together."""
+        if self.shuffle:
+            order = torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.dataset_len)
+        global_batch = self.world_size * self.batch_size
+        return order[: self.dataset_len // global_batch * global_batch]
+
+    def _local(self) -> Tensor:
+        return self.global_order()[self.rank :: self.world_size][self.skip_batches * self.batch_size :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._local().tolist())
+
+    def __len__(self) -> int:
+        per_rank = self.dataset_len // (self.world_size * self.batch_size) * self.batch_size
+        return max(0, per_rank - self.skip_batches * self.batch_size)
+
+
+@dataclass
+class Batch:
+    """Collated samples. When every sample failed, ``images`` is an empty (0, 0, 0, 0) tensor
+    (the shape is unknown without a decoded image) and ``len(batch) == 0``: skip such a batch."""
+
+    images: Tensor  # (N, C, H, W) float32, normalised
+    labels: Tensor  # (N,) int64, -1 = unlabelled
+    indices: Tensor  # (N,) int64 dataset indices
+    failed: list[int]  # dataset indices whose file could not be decoded; not in the tensors
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return dataclasses.replace(
+            self,
+            images=self.images.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            indices=self.indices.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) in its pinning thread."""
+        return dataclasses.replace(
+            self, images=self.images.pin_memory(), labels=self.labels.pin_memory(), indices=self.indices.pin_memory()
+        )
+
+
+def collate(samples: Sequence[tuple[Tensor | None, int, int]]) -> Batch:
+    """Stack ``ImageDataset`` samples, dropping (and listing in ``failed``) those whose image is None."""
+    good = [s for s in samples if s[0] is not None]
+    failed = [int(s[2]) for s in samples if s[0] is None]
+    if not good:
+        empty = torch.empty(0, dtype=torch.int64)
+        return Batch(torch.empty(0, 0, 0, 0), empty, empty.clone(), failed)
+    return Batch(
+        images=torch.stack([s[0] for s in good]),
+        labels=torch.tensor([s[1] for s in good], dtype=torch.int64),
+        indices=torch.tensor([s[2] for s in good], dtype=torch.int64),
+        failed=failed,
+    )
+
+
+def build_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    world_size: int = 1,
+    rank: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    epoch: int = 0,
+    skip_batches: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader for one epoch of one rank: ``ShardedSampler`` order, ``collate``d ``Batch``es of ``batch_size``.
+
+    Build one per epoch: the workers are not persistent, so they start with this epoch's
+    ``dataset.set_epoch``. The loader never draws from the global RNG (its worker seed comes
+    from a private generator; transforms are seeded per sample), so it does not disturb the
+    training RNG stream a resumed run must reproduce.
+    """
+    dataset.set_epoch(epoch)
+    sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=shuffle, seed=seed, batch_size=batch_size)
+    sampler.set_epoch(epoch, skip_batches)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed + epoch),
+    )
+
+
+# -- bad images --------------------------------------------------------------------------------
+
+
+def describe_failures(dataset: ImageDataset, failed_indices: Sequence[int]) -> list[str]:
+    """File paths (folders) or ``index N`` (in-memory datasets) of failed samples."""
+    if dataset.paths is not None:
+        return [dataset.paths[i] for i in failed_indices]
+    return [f"index {i}" for i in failed_indices]
+
+
+class BadImageTracker:
+    """Counts decoding failures over a run and stops it when they are more than a set fraction.
+
+    Counts are per process; under DDP sum ``seen`` and ``len(failed)`` across ranks before
+    deciding, or one rank may raise while the others wait in a collective.
+    """
+
+    def __init__(self, dataset: ImageDataset, min_seen: int = MIN_SEEN_FOR_BAD_CHECK) -> None:
+        self.dataset = dataset
+        self.min_seen = min_seen
+        self.seen = 0  # images attempted, good or bad (a file counts again each epoch)
+        self.failed: list[int] = []  # dataset index of each failed attempt
+        self._known: set[int] = set()
+
+    def update(self, batch: Batch) -> list[str]:
+        """Count a batch; returns the files that failed for the first time (to log them)."""
+        self.seen += len(batch) + len(batch.failed)
+        self.failed += batch.failed
+        new = [i for i in dict.fromkeys(batch.failed) if i not in self._known]
+        self._known.update(new)
+        return describe_failures(self.dataset, new)
+
+    @property
+    def fraction(self) -> float:
+        return len(self.failed) / self.seen if self.seen else 0.0
+
+    def bad_files(self) -> list[str]:
+        return describe_failures(self.dataset, sorted(self._known))
+
+    def check(self, max_bad_fraction: float) -> None:
+        """Raise RuntimeError once ``min_seen`` images were tried and more than ``max_bad_fraction`` failed."""
+        if self.seen < self.min_seen or self.fraction <= max_bad_fraction:
+            return
+        files = self.bad_files()
+        listing = "\n  ".join(files[:10]) + (f"\n  ... and {len(files) - 10} more" if len(files) > 10 else "")
+        raise RuntimeError(
+            f"{len(self.failed)} of {self.seen} images ({self.fraction:.1%}) could not be decoded, more than "
+            f"data.max_bad_fraction={max_bad_fraction:g}. Failing files:\n  {listing}\n"
+            'Fix: delete or re-encode these files (PIL must open them: `python -c "from PIL import Image; '
+            "Image.open('FILE').load()\"`), or raise --data.max_bad_fraction to train on without them."
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """For the end-of-run report: counts and up to 100 bad files."""
+        files = self.bad_files()
+        return {
+            "images_seen": self.seen,
+            "failed_loads": len(self.failed),
+            "failed_fraction": self.fraction,
+            "bad_files": files[:100],
+            "num_bad_files": len(files),
+        }
