@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # one module per command under openmae/commands/
-COMMANDS = ["pretrain", "models", "recipes"]
+COMMANDS = ["pretrain", "models", "recipes", "reconstruct"]
 
 
 def build_parser() -> argparse.ArgumentParser:
