@@ -125,8 +125,14 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     """Rebuild a model saved by :func:`save_pretrained` or a training checkpoint.
 
     ``overrides`` change constructor arguments that do not touch the weights' shapes
-    (``norm_pix_loss``, ``mask_type``, ``attn_impl``, ...).
+    (``norm_pix_loss``, ``mask_type``, ``attn_impl``, ...). Official MAE, Hugging Face ViTMAE
+    and timm checkpoints are recognised and loaded by :mod:`openmae.interop`.
     """
+    from openmae.interop import is_openmae
+    from openmae.interop import load_pretrained as load_foreign
+
+    if not is_openmae(path):
+        return load_foreign(path, **overrides)
     file = resolve_weights_file(path)
     tensors, meta = read_safetensors(file)
     if FORMAT_KEY not in meta:
@@ -160,7 +166,14 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: 
 
 
 def load_weights_into(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load weights from an openmae file into an already-built model (``create_model(pretrained=...)``)."""
+    """Load weights into an already-built model (``create_model(pretrained=...)``); files in other
+    formats (official MAE, Hugging Face, timm) go through :mod:`openmae.interop`."""
+    from openmae.interop import is_openmae
+    from openmae.interop import load_weights_into as load_foreign
+
+    if not is_openmae(path):
+        load_foreign(model, path)
+        return
     tensors, _ = read_safetensors(resolve_weights_file(path))
     load_state(model, _split_model_state(tensors), source=str(path))
 

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # one module per command under openmae/commands/
-COMMANDS = ["pretrain", "models", "recipes", "reconstruct"]
+COMMANDS = ["pretrain", "models", "recipes", "reconstruct", "convert", "inspect"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,62 @@
+"""``openmae inspect PATH``: what a checkpoint is, without building a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="describe a checkpoint: format, architecture, decoder, norm-pix, parameter count",
+    )
+    p.add_argument("path", help="checkpoint file or directory (openmae, official MAE, Hugging Face, timm)")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=run)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "unknown (not recorded)" if value is None else ("yes" if value else "no")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ValueError as e:  # unsafe pickle, shape mismatch, unsupported architecture
+        print(f"openmae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from openmae.interop import inspect_checkpoint
+
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    c = info["config"]
+    print(f"path:          {info['path']}")
+    print(f"format:        {info['format']} ({info['kind']})")
+    print(
+        f"architecture:  {info['arch']}: embed_dim {c['embed_dim']}, depth {c['depth']}, heads {c.get('num_heads', '?')}, "
+        f"patch {c['patch_size']}, img_size {c.get('img_size', '?')}, in_chans {c['in_chans']}"
+    )
+    if info["has_decoder"]:
+        decoder = f"yes: {c['decoder_embed_dim']} wide, {c['decoder_depth']} deep, {c.get('decoder_num_heads', '?')} heads"
+    else:
+        decoder = "no (reconstruction unavailable)"
+    print(f"decoder:       {decoder}")
+    if info["num_classes"] is not None:
+        print(f"classifier:    head with {info['num_classes']} classes")
+    print(f"norm_pix_loss: {_yes_no(info['norm_pix_loss'])}")
+    if info["mask_ratio"] is not None:
+        print(f"mask_ratio:    {info['mask_ratio']}")
+    print(
+        f"parameters:    {info['parameters']:,} (encoder {info['encoder_parameters']:,}, "
+        f"decoder {info['decoder_parameters']:,}; fixed sin-cos tables not counted)"
+    )
+    for note in info["notes"]:
+        print(f"note:          {note}")
+    return 0

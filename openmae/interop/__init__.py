@@ -1,0 +1,166 @@
+"""Weights in and out: openmae, official MAE, Hugging Face ViTMAE and timm checkpoints.
+
+``load_pretrained(path)`` recognises the format (:func:`detect_format`), reads the tensors into
+openmae's names, builds the matching registered model (architecture from the file's config, else
+from tensor shapes) and returns it with ``model.load_report`` (:class:`LoadReport`: what was
+loaded, what is missing, notes). ``openmae.load_pretrained`` and ``create_model(name,
+pretrained=path)`` dispatch here for every format but openmae's own.
+``export_pretrained(model, path, format)`` writes any of the four formats;
+``inspect_checkpoint(path)`` describes a file without building a model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from openmae.interop.detect import (
+    DECODER_PREFIXES,
+    FIXED,
+    FORMATS,
+    LoadReport,
+    UnsafeCheckpointError,
+    Weights,
+    detect_format,
+    infer_architecture,
+    is_openmae,
+    load_into,
+    read_weights,
+    safe_torch_load,
+)
+
+__all__ = [
+    "FORMATS",
+    "LoadReport",
+    "UnsafeCheckpointError",
+    "Weights",
+    "detect_format",
+    "export_pretrained",
+    "inspect_checkpoint",
+    "is_openmae",
+    "load",
+    "load_pretrained",
+    "load_weights_into",
+    "read_weights",
+    "safe_torch_load",
+]
+
+logger = logging.getLogger("openmae.interop")
+
+
+def _with_mask_ratio(arch: str, cfg: dict[str, Any], weights: Weights, overrides: dict[str, Any]) -> None:
+    """Pass a recorded mask ratio to models that take one; otherwise say how to use it."""
+    ratio = weights.mask_ratio
+    if ratio is None or "mask_ratio" in overrides:
+        return
+    from openmae.models.mae import MaskedAutoencoder
+
+    if "mask_ratio" in inspect.signature(MaskedAutoencoder.__init__).parameters:
+        cfg["mask_ratio"] = ratio
+    elif ratio != 0.75:
+        weights.notes.append(f"the file records mask_ratio {ratio}: pass mask_ratio={ratio} to the model's forward")
+
+
+def load(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, LoadReport]:
+    """Build the matching model for any supported checkpoint and load it.
+
+    Args:
+        path: a file or directory in any of :data:`FORMATS`.
+        overrides: constructor arguments that replace the recorded or inferred ones
+            (``num_heads``, ``norm_pix_loss``, ``img_size``, ...).
+    Returns:
+        (model, report); the report is also ``model.load_report``.
+    """
+    from openmae.registry import create_model
+
+    weights = read_weights(path)
+    arch, cfg, notes = infer_architecture(weights, overrides)
+    weights.notes.extend(notes)
+    _with_mask_ratio(arch, cfg, weights, overrides)
+    model = create_model(arch, **cfg)
+    report = load_into(model, weights, arch)
+    model.load_report = report
+    if report.missing:
+        logger.warning("%s", report.summary())
+    else:
+        logger.info("%s", report.summary())
+    return model, report
+
+
+def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """:func:`load` without the tuple: the model, with its report in ``model.load_report``."""
+    return load(path, **overrides)[0]
+
+
+def load_weights_into(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Load any supported checkpoint into an already-built model (``create_model(name, pretrained=path)``).
+
+    Shape mismatches are refused with the parameter's name; the report lands in ``model.load_report``.
+    """
+    report = load_into(model, read_weights(path))
+    model.load_report = report
+    (logger.warning if report.missing else logger.info)("%s", report.summary())
+    return report
+
+
+def export_pretrained(model: nn.Module, path: str | os.PathLike, format: str = "openmae", **options: Any) -> Path:
+    """Write ``model`` for use elsewhere.
+
+    Args:
+        model: an openmae model (built by ``create_model`` / ``load_pretrained``).
+        path: file or directory to write (see each format).
+        format: ``openmae`` (safetensors file or directory, :func:`openmae.save_pretrained`),
+            ``official`` (``.pth`` with ``{'model': state_dict}``), ``hf`` (a directory that
+            ``transformers.ViTMAEForPreTraining.from_pretrained`` loads; option ``key_style``
+            ``v4`` (hub names, default) or ``v5``; ``mask_ratio``) or ``timm`` (encoder only;
+            ``.safetensors`` file or a hub-style directory).
+    Returns:
+        The weights file written.
+    """
+    from openmae.checkpoint import save_pretrained
+    from openmae.interop import hf, official, timm
+
+    writers = {
+        "openmae": save_pretrained,
+        "official": official.write,
+        "hf": hf.write,
+        "timm": timm.write,
+    }
+    if format not in writers:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    return writers[format](model, path, **options)
+
+
+def _numel(state: dict[str, Any]) -> int:
+    return sum(v.numel() for k, v in state.items() if k not in FIXED)
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint is, without building a model: format, kind, architecture, decoder,
+    norm-pix, parameter counts (fixed sin-cos tables excluded) and notes."""
+    weights = read_weights(path)
+    arch, cfg, notes = infer_architecture(weights)
+    decoder = {k: v for k, v in weights.state.items() if k.startswith(DECODER_PREFIXES)}
+    encoder = {k: v for k, v in weights.state.items() if k not in decoder}
+    head = weights.extras.get("head.weight")
+    norm_pix = weights.config.get("norm_pix_loss")
+    return {
+        "path": str(path),
+        "format": weights.format,
+        "kind": weights.kind,
+        "arch": arch,
+        "config": cfg,
+        "has_decoder": weights.has_decoder,
+        "norm_pix_loss": None if norm_pix is None else bool(norm_pix),
+        "mask_ratio": weights.mask_ratio,
+        "num_classes": None if head is None else int(head.shape[0]),
+        "parameters": _numel(encoder) + _numel(decoder) + _numel(weights.extras),
+        "encoder_parameters": _numel(encoder),
+        "decoder_parameters": _numel(decoder),
+        "notes": weights.notes + notes,
+    }

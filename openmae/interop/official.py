@@ -1,0 +1,87 @@
+"""Official MAE checkpoints (facebookresearch/mae ``.pth`` files).
+
+What they hold, all under ``'model'`` and in the parameter names openmae shares with them:
+
+- training checkpoints: ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}``, ``args`` an
+  ``argparse.Namespace`` (read for ``model``, ``input_size``, ``norm_pix_loss``, ``mask_ratio``);
+- released ``mae_pretrain_vit_*.pth``: the encoder only;
+- ``*_full.pth`` / visualize files: encoder and decoder;
+- fine-tuned classifiers: encoder plus ``fc_norm`` and ``head`` (no ``norm`` with global pooling).
+
+Written files hold ``{'model': state_dict, 'openmae': {arch, config, openmae_version}}``: plain
+containers only, so ``torch.load(weights_only=True)`` (the default since torch 2.6) opens them, and
+the official code, which reads ``checkpoint['model']``, loads them unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from openmae.interop.detect import Weights, describe, read_safetensors, safe_torch_load, split_classifier, strip_prefix
+
+
+def registered_name(name: str | None) -> str | None:
+    """An official model name (``mae_vit_base_patch16_dec512d8b``, fine-tuning's ``vit_base_patch16``)
+    -> openmae's registered MAE name, if there is one."""
+    if not name:
+        return None
+    from openmae.interop.detect import mae_variants
+
+    names = set(mae_variants())
+    for candidate in (name, name.replace("_dec512d8b", ""), "mae_" + name):
+        if candidate in names:
+            return candidate
+    return None
+
+
+def args_config(args: Any) -> tuple[str | None, dict[str, Any], float | None]:
+    """(arch, constructor arguments, mask_ratio) recorded in an official ``args`` Namespace (or dict)."""
+    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    cfg: dict[str, Any] = {}
+    if a.get("input_size"):
+        cfg["img_size"] = int(a["input_size"])
+    if "norm_pix_loss" in a:
+        cfg["norm_pix_loss"] = bool(a["norm_pix_loss"])
+    ratio = a.get("mask_ratio")
+    return registered_name(a.get("model")), cfg, None if ratio is None else float(ratio)
+
+
+def read(path: str | Path, obj: Any = None) -> Weights:
+    """An official checkpoint; ``obj`` is the already-unpickled file, if the caller has it."""
+    path = Path(path)
+    if path.suffix == ".safetensors":  # an official-layout state dict saved as safetensors
+        obj = {"model": read_safetensors(path)[0]}
+    elif obj is None:
+        obj = safe_torch_load(path)
+    state = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    state = strip_prefix({k: v for k, v in state.items() if isinstance(v, Tensor)}, "module.")
+    trunk, extras = split_classifier(state)
+    kind = describe(trunk, extras)
+    if "optimizer" in obj:
+        kind = f"training checkpoint, epoch {obj.get('epoch', '?')}, {kind}"
+    arch, cfg, mask_ratio = args_config(obj.get("args"))
+    notes = []
+    meta = obj.get("openmae")
+    if isinstance(meta, dict) and "config" in meta:  # written by openmae: the exact architecture
+        arch, cfg = meta.get("arch", arch), dict(meta["config"])
+    elif obj.get("args") is not None and arch is None:
+        notes.append(f"args.model {getattr(obj['args'], 'model', None)!r} is not a registered name; inferred from shapes")
+    return Weights(str(path), "official", kind, trunk, arch=arch, config=cfg, extras=extras, notes=notes, mask_ratio=mask_ratio)
+
+
+def write(model: nn.Module, path: str | Path) -> Path:
+    """``{'model': state_dict, 'openmae': meta}`` with ``torch.save``, atomically."""
+    from openmae.checkpoint import atomic_write, model_meta, unwrap
+
+    model = unwrap(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    obj = {"model": state, "openmae": model_meta(model)}
+    path = Path(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return path

@@ -1,0 +1,158 @@
+"""timm Vision Transformer weights, as an encoder.
+
+timm's ``VisionTransformer`` uses openmae's encoder names (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``) and
+``fc_norm`` / ``head`` for classifiers, with LayerNorm eps 1e-6 as in the official MAE.
+
+Read: a state-dict file (``.safetensors``, ``.pth``, ``.bin``; possibly under ``state_dict`` or
+``model``) or a hub-style directory (``config.json`` with ``architecture``, ``model_args``,
+``pretrained_cfg``). Write: a ``.safetensors`` path gets the encoder tensors alone (what
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` and
+``load_state_dict`` take unchanged); any other path becomes a directory with ``model.safetensors``
+and timm's ``config.json``, which ``timm.create_model("local-dir:PATH")`` builds from.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from torch import Tensor
+
+from openmae.interop.detect import (
+    CLASSIFIER_PREFIXES,
+    Weights,
+    describe,
+    find_weights_file,
+    read_state_file,
+    safe_torch_load,
+    split_classifier,
+    strip_prefix,
+)
+from openmae.patches import to_2tuple
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+TIMM_NORM_EPS = 1e-6
+
+
+def timm_name(cfg: dict[str, Any]) -> str:
+    """The closest timm architecture name (the exact shape comes from ``model_args``)."""
+    import timm
+
+    size = _SIZES.get(cfg["embed_dim"], "base")
+    p, side = cfg["patch_size"], to_2tuple(cfg["img_size"])[0]
+    for name in (f"vit_{size}_patch{p}_{side}", f"vit_{size}_patch{p}_224", f"vit_{size}_patch16_224"):
+        if timm.list_models(name):
+            return name
+    return "vit_base_patch16_224"
+
+
+def model_args(cfg: dict[str, Any], num_classes: int = 0, global_pool: str = "token") -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments that rebuild this encoder's shapes."""
+    h, w = to_2tuple(cfg["img_size"])
+    return dict(
+        img_size=h if h == w else [h, w],
+        patch_size=cfg["patch_size"],
+        in_chans=cfg["in_chans"],
+        embed_dim=cfg["embed_dim"],
+        depth=cfg["depth"],
+        num_heads=cfg["num_heads"],
+        mlp_ratio=cfg["mlp_ratio"],
+        num_classes=num_classes,
+        global_pool=global_pool,
+    )
+
+
+def _config_from_timm(args: dict[str, Any], pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = {k: args[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "in_chans") if k in args}
+    if "img_size" in args:
+        img = args["img_size"]
+        cfg["img_size"] = tuple(img) if isinstance(img, (list, tuple)) else int(img)
+    size = pretrained_cfg.get("input_size")
+    if size and len(size) == 3:
+        cfg.setdefault("in_chans", int(size[0]))
+        cfg.setdefault("img_size", int(size[1]) if size[1] == size[2] else (int(size[1]), int(size[2])))
+    return cfg
+
+
+def read(path: str | Path, obj: Any = None) -> Weights:
+    path = Path(path)
+    config: dict[str, Any] = {}
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        file = find_weights_file(path)
+        if file is None:
+            raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
+        state, meta = read_state_file(file)
+    elif path.suffix == ".safetensors":
+        state, meta = read_state_file(path)
+    else:
+        state, meta = (obj if obj is not None else safe_torch_load(path)), {}
+    if "model_args" in meta:  # written by openmae's exporter
+        config = {"architecture": meta.get("architecture"), "model_args": json.loads(meta["model_args"])}
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    state = strip_prefix({k: v for k, v in state.items() if isinstance(v, Tensor)}, "module.")
+    trunk, extras = split_classifier(state)
+    cfg = _config_from_timm(config.get("model_args") or {}, config.get("pretrained_cfg") or {})
+    notes = []
+    if config.get("architecture"):
+        notes.append(f"timm architecture {config['architecture']}")
+    return Weights(str(path), "timm", describe(trunk, extras), trunk, config=cfg, extras=extras, notes=notes)
+
+
+def write(model: nn.Module, path: str | Path) -> Path:
+    """The encoder (and a classifier's ``fc_norm`` / ``head``) in timm's layout. Returns the weights file."""
+    from safetensors.torch import save_file
+
+    from openmae.checkpoint import atomic_write, atomic_write_text, unwrap
+
+    model = unwrap(model)
+    cfg = dict(getattr(model, "config", None) or {})
+    if "embed_dim" not in cfg:
+        raise ValueError("export to timm needs an openmae model with a config (build it with openmae.create_model)")
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(ENCODER_PREFIXES) or k.startswith(CLASSIFIER_PREFIXES)
+    }
+    if cfg.get("norm_eps", TIMM_NORM_EPS) != TIMM_NORM_EPS:
+        warnings.warn(
+            f"timm's ViT uses LayerNorm eps {TIMM_NORM_EPS}; this model uses {cfg['norm_eps']}, so timm's features "
+            "will differ slightly",
+            stacklevel=3,
+        )
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    pool = "avg" if "fc_norm.weight" in state else "token"
+    args = model_args(cfg, num_classes, pool)
+    arch = timm_name(cfg)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        meta = {"format": "pt", "architecture": arch, "model_args": json.dumps(args)}
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        return path
+    h, w = to_2tuple(cfg["img_size"])
+    config = {
+        "architecture": arch,
+        "num_classes": num_classes,
+        "num_features": cfg["embed_dim"],
+        "global_pool": pool,
+        "model_args": args,
+        "pretrained_cfg": {
+            "tag": "openmae",
+            "input_size": [cfg["in_chans"], h, w],
+            "num_classes": num_classes,
+            "classifier": "head",
+            "first_conv": "patch_embed.proj",
+        },
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
+    file = path / "model.safetensors"
+    atomic_write(file, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    return file
