@@ -474,7 +474,9 @@ def render_figure(
 ):
     """A matplotlib ``Figure``: one row per image x mask ratio, one column per panel.
 
-    Axes are placed by hand (no tight layout), so the size is exactly :func:`figure_size`.
+    The panels are resized to whole pixels (nearest-neighbour when enlarging, so patches stay
+    sharp) and drawn as one image with ``figimage``; no axes, no tight layout, so the size is
+    exactly :func:`figure_size` and drawing costs little.
     """
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend switch
 
@@ -489,31 +491,40 @@ def render_figure(
     chars = max(40, int(width_in * 72 / 4.2))  # ~4 pt per character at 7 pt
     lines = ([_shorten(heading, chars)] if heading else []) + textwrap.wrap(rec.description, chars)
     fig.text(0.5, 1 - 0.06 / height_in, "\n".join(lines), ha="center", va="top", fontsize=7)
-    pad = 0.04 * panel_inches
     for col, name in enumerate(PANELS):
         x = (LABEL_INCHES + (col + 0.5) * panel_inches) / width_in
         fig.text(x, 1 - (HEADER_INCHES - 0.06) / height_in, name, ha="center", va="bottom", fontsize=9)
-    gray = rec.panels.shape[3] == 1
-    panels = rec.numpy()  # (N, R, 4, H, W, C)
     for i in range(n):
         for j in range(r):
-            row = i * r + j
-            top = HEADER_INCHES + row * panel_inches
-            y = 1 - (top + panel_inches / 2) / height_in
+            y = 1 - (HEADER_INCHES + (i * r + j + 0.5) * panel_inches) / height_in
             label = f"{_shorten(titles[i], 28)}\n{rec.row_label(j)}"
             fig.text(LABEL_INCHES / 2 / width_in, y, label, ha="center", va="center", rotation=90, fontsize=7)
-            for col in range(cols):
-                left = (LABEL_INCHES + col * panel_inches + pad) / width_in
-                bottom = 1 - (top + panel_inches - pad) / height_in
-                size = panel_inches - 2 * pad
-                ax = fig.add_axes((left, bottom, size / width_in, size / height_in))
-                img = panels[i, j, col]
-                if gray:
-                    ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-                else:
-                    ax.imshow(img, interpolation="nearest")
-                ax.set_axis_off()
+    fig.figimage(_mosaic(rec, round(panel_inches * dpi)), xo=round(LABEL_INCHES * dpi), yo=0, origin="upper")
     return fig
+
+
+def _mosaic(rec: Reconstruction, cell: int) -> np.ndarray:
+    """All panels on a white (rows * cell, cols * cell, 3) uint8 canvas, each fitted into its cell."""
+    from PIL import Image
+
+    n, r, cols = rec.panels.shape[:3]
+    side = cell - 2 * max(1, round(0.04 * cell))  # a white margin around each panel
+    canvas = np.full((n * r * cell, cols * cell, 3), 255, dtype=np.uint8)
+    panels = (rec.numpy() * 255.0).round().astype(np.uint8)  # (N, R, 4, H, W, C)
+    h, w = panels.shape[3:5]
+    scale = side / max(h, w)
+    ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+    for i in range(n):
+        for j in range(r):
+            for col in range(cols):
+                img = panels[i, j, col]
+                img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+                img = np.asarray(Image.fromarray(img).resize((pw, ph), resample))
+                top = (i * r + j) * cell + (cell - ph) // 2
+                left = col * cell + (cell - pw) // 2
+                canvas[top : top + ph, left : left + pw] = img
+    return canvas
 
 
 def _shorten(text: str, limit: int) -> str:
