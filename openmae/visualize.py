@@ -94,9 +94,12 @@ def require_decoder(model: nn.Module, source: str | None = None) -> None:
     where = f"{source}: " if source else ""
     if not hasattr(model, "decoder_pred") or not callable(getattr(model, "forward_decoder", None)):
         raise DecoderMissingError(decoder_missing_message(f"{where}{type(model).__name__} has no decoder_pred"))
-    report = getattr(model, "load_report", None)
-    missing = report.get("missing") if isinstance(report, dict) else getattr(report, "missing", None)
-    decoder_keys = [k for k in (missing or ()) if k.startswith("decoder") or k == "mask_token"]
+    report = getattr(model, "load_report", None)  # openmae.interop attaches a LoadReport
+    get = report.get if isinstance(report, dict) else lambda key: getattr(report, key, None)
+    if get("has_decoder") is False:
+        kind = f" ({get('kind')})" if get("kind") else ""
+        raise DecoderMissingError(decoder_missing_message(f"{where}the file{kind} has no decoder weights"))
+    decoder_keys = [k for k in (get("missing") or ()) if k.startswith("decoder") or k == "mask_token"]
     if decoder_keys:
         raise DecoderMissingError(
             decoder_missing_message(

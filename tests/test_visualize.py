@@ -364,6 +364,15 @@ def test_encoder_only_is_refused_clearly(tmp_path):
     _, partial = encoder_only_file(tmp_path, drop=lambda k: k.startswith("decoder_pred"))
     with pytest.raises(DecoderMissingError, match="decoder_pred"):
         load_reconstruction_model(partial)
+    # an official-format encoder-only .pth (released mae_pretrain_vit_*.pth), read by openmae.interop
+    from openmae.interop import export_pretrained
+
+    export_pretrained(tiny_patch4(), tmp_path / "full.pth", "official")
+    state = torch.load(tmp_path / "full.pth", weights_only=True)["model"]
+    encoder_state = {k: v for k, v in state.items() if not (k.startswith("decoder") or k == "mask_token")}
+    torch.save({"model": encoder_state}, tmp_path / "mae_pretrain.pth")
+    with pytest.raises(DecoderMissingError, match="holds the encoder only .*mae_pretrain.pth"):
+        load_reconstruction_model(tmp_path / "mae_pretrain.pth")
     # a model object without a decoder, and one whose loader reports missing decoder weights
     encoder = ViTEncoder((28, 28), 4, 1, 32, 1, 2)
     with pytest.raises(DecoderMissingError, match="ViTEncoder has no decoder_pred"):
@@ -463,6 +472,11 @@ def test_cli_end_to_end_on_a_photo(tmp_path, capsys):
     assert "normalisation from --mean/--std" in capsys.readouterr().out
     with Image.open(one) as img:
         assert img.size == figure_size(1)
+
+    pixels = tmp_path / "pixels.png"  # override what the file says: a pixel-target view
+    assert main(["reconstruct", str(photos), "--checkpoint", str(ckpt), "--out", str(pixels), "--max-images", "1",
+                 "--norm-pix-loss", "false"]) == 0  # fmt: skip
+    assert "1 image x 1 mask ratio; mode pixels" in capsys.readouterr().out
 
     _, enc = encoder_only_file(tmp_path)
     assert main(["reconstruct", str(photos), "--checkpoint", str(enc), "--out", str(tmp_path / "x.png")]) == 2

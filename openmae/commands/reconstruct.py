@@ -41,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "else ImageNet for RGB, Fashion-MNIST for grayscale)",
     )
     p.add_argument("--std", type=float, nargs="+", help="per-channel normalisation std (see --mean)")
+    p.add_argument(
+        "--norm-pix-loss",
+        choices=("true", "false"),
+        help="whether the model was trained on per-patch normalised targets; only needed for files that "
+        "do not record it (official MAE and Hugging Face checkpoints)",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.set_defaults(func=run)
 
@@ -67,11 +73,18 @@ def run(args: argparse.Namespace) -> int:
     if (args.mean is None) != (args.std is None):
         print("openmae reconstruct: error: give --mean and --std together", file=sys.stderr)
         return 2
+    overrides = {} if args.norm_pix_loss is None else {"norm_pix_loss": args.norm_pix_loss == "true"}
     try:
-        model = load_reconstruction_model(args.checkpoint)
+        model = load_reconstruction_model(args.checkpoint, **overrides)
     except DecoderMissingError as e:
         print(f"openmae reconstruct: error: {e}", file=sys.stderr)
         return 2
+    report = getattr(model, "load_report", None)
+    if args.norm_pix_loss is None and report is not None and getattr(report, "norm_pix_loss", True) is None:
+        print(
+            f"note: {args.checkpoint} does not record whether it was trained with norm-pix targets; "
+            f"assuming norm_pix_loss={model.norm_pix_loss} (set --norm-pix-loss true|false)"
+        )
     model = model.to(args.device)
 
     if args.mean is not None:
@@ -108,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
     heading = f"{arch} ({args.checkpoint}), {args.mask} masks, seed {args.seed}"
     out = save_figure(rec, args.out, titles=[p.name for p in paths], heading=heading)
     width, height = figure_size(rec.panels.shape[0] * rec.panels.shape[1])
-    print(
-        f"wrote {out} ({width}x{height} px; {len(paths)} images x {len(rec.mask_ratios)} mask ratios; "
-        f"mode {rec.mode}; normalisation from {source})"
-    )
+    rows = f"{_count(len(paths), 'image')} x {_count(len(rec.mask_ratios), 'mask ratio')}"
+    print(f"wrote {out} ({width}x{height} px; {rows}; mode {rec.mode}; normalisation from {source})")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
