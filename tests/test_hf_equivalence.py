@@ -17,15 +17,24 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-transformers = pytest.importorskip("transformers")
-from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
+import openmae
+from openmae.interop import hf
+from openmae.patches import sincos_2d
 
-import openmae  # noqa: E402
-from openmae.interop import hf  # noqa: E402
-from openmae.patches import sincos_2d  # noqa: E402
+transformers = pytest.importorskip("transformers")
+ViTMAEConfig, ViTMAEForPreTraining = transformers.ViTMAEConfig, transformers.ViTMAEForPreTraining
 
 IMG, PATCH, CHANS = 16, 4, 3
 GRID = IMG // PATCH
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tensors here are tiny: one thread is fastest, and unaffected by a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def hf_config(eps: float = 1e-12, norm_pix: bool = False, mask_ratio: float = 0.75, **kw) -> ViTMAEConfig:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,12 +39,15 @@ def _run(args: argparse.Namespace) -> int:
     c = info["config"]
     print(f"path:          {info['path']}")
     print(f"format:        {info['format']} ({info['kind']})")
-    print(
-        f"architecture:  {info['arch']}: embed_dim {c['embed_dim']}, depth {c['depth']}, heads {c.get('num_heads', '?')}, "
+    shape = (
+        f"embed_dim {c['embed_dim']}, depth {c['depth']}, heads {c.get('num_heads', '?')}, "
         f"patch {c['patch_size']}, img_size {c.get('img_size', '?')}, in_chans {c['in_chans']}"
     )
+    print(f"architecture:  {info['arch']}: {shape}")
     if info["has_decoder"]:
-        decoder = f"yes: {c['decoder_embed_dim']} wide, {c['decoder_depth']} deep, {c.get('decoder_num_heads', '?')} heads"
+        decoder = (
+            f"yes: {c['decoder_embed_dim']} wide, {c['decoder_depth']} deep, {c.get('decoder_num_heads', '?')} heads"
+        )
     else:
         decoder = "no (reconstruction unavailable)"
     print(f"decoder:       {decoder}")

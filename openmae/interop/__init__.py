@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "LoadReport",
     "UnsafeCheckpointError",
     "Weights",
+    "decoder_was_loaded",
     "detect_format",
     "export_pretrained",
     "inspect_checkpoint",
@@ -108,7 +110,19 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     return report
 
 
-def export_pretrained(model: nn.Module, path: str | os.PathLike, format: str = "openmae", **options: Any) -> Path:
+def decoder_was_loaded(model: nn.Module) -> bool:
+    """False when the model's decoder kept its random initialisation (loaded from an encoder-only file)."""
+    report = getattr(model, "load_report", None)
+    return not any(k.startswith(DECODER_PREFIXES) for k in getattr(report, "missing", ()))
+
+
+def export_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "openmae",
+    include_decoder: bool | None = None,
+    **options: Any,
+) -> Path:
     """Write ``model`` for use elsewhere.
 
     Args:
@@ -119,6 +133,9 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike, format: str = "
             ``transformers.ViTMAEForPreTraining.from_pretrained`` loads; option ``key_style``
             ``v4`` (hub names, default) or ``v5``; ``mask_ratio``) or ``timm`` (encoder only;
             ``.safetensors`` file or a hub-style directory).
+        include_decoder: write the decoder (official, hf). Default: unless the model was loaded
+            from an encoder-only file, so a random decoder never passes for a trained one.
+            openmae files always hold the whole model; a warning says when its decoder is random.
     Returns:
         The weights file written.
     """
@@ -133,6 +150,16 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike, format: str = "
     }
     if format not in writers:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if include_decoder is None:
+        include_decoder = decoder_was_loaded(model)
+    if format in ("official", "hf"):
+        options["encoder_only"] = not include_decoder
+    elif format == "openmae" and not include_decoder:
+        warnings.warn(
+            f"{path}: openmae files hold the whole model, so the decoder is written although it was never "
+            "loaded (its weights are random); export to official or hf to write the encoder alone",
+            stacklevel=2,
+        )
     return writers[format](model, path, **options)
 
 

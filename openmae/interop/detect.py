@@ -24,15 +24,21 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from openmae.checkpoint import read_safetensors
 from openmae.patches import sincos_2d
-
 
 FORMATS = ("openmae", "official", "hf", "timm")
 # Fixed sin-cos tables: recomputed, never trained, so a file need not carry them.
 FIXED = ("pos_embed", "decoder_pos_embed")
-DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
+DECODER_PREFIXES = (
+    "decoder_embed.",
+    "mask_token",
+    "decoder_pos_embed",
+    "decoder_blocks.",
+    "decoder_norm.",
+    "decoder_pred.",
+)
 CLASSIFIER_PREFIXES = ("head.", "fc_norm.")
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
 class UnsafeCheckpointError(ValueError):
@@ -128,12 +134,6 @@ def safe_torch_load(path: str | Path) -> Any:
             f"{' (' + reason + ')' if reason else ''}. openmae never runs code from a checkpoint; if you trust "
             "the file's source, load it yourself and save its state dict as safetensors."
         ) from None
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from openmae.checkpoint import read_safetensors as read
-
-    return read(path)
 
 
 def strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -254,7 +254,12 @@ def _pickled_format(obj: Any, path: Path) -> str:
 
 
 def find_weights_file(folder: Path) -> Path | None:
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+    for name in (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ):
         if (folder / name).exists():
             return folder / name
     return None
@@ -358,15 +363,19 @@ def mae_variants() -> list[str]:
 
 
 def match_variant(cfg: dict[str, Any]) -> str:
-    """A registered MAE name for these shapes: ``mae_vit_{size}_patch{p}`` when registered, else one
-    of the same width, else the base model (the constructor arguments carry the exact shapes)."""
-    names = mae_variants()
-    size = VIT_SIZES.get(cfg.get("embed_dim"), ("", 0))[0]
-    exact = f"mae_vit_{size}_patch{cfg.get('patch_size')}"
-    if exact in names:
-        return exact
-    same_width = [n for n in names if size and f"_{size}_" in n]
-    return same_width[0] if same_width else "mae_vit_base_patch16"
+    """The registered MAE name closest to these shapes: ``mae_vit_{size}_patch{p}`` when registered,
+    else the same patch size and the nearest standard width (its defaults fill in what the file
+    leaves open, e.g. the decoder of an encoder-only file); the exact shapes come from ``cfg``."""
+    widths = {size: dim for dim, (size, _) in VIT_SIZES.items()}
+    dim, patch = cfg.get("embed_dim", 768), cfg.get("patch_size", 16)
+
+    def distance(name: str) -> tuple[int, int]:
+        m = re.fullmatch(r"mae_vit_([a-z]+)_patch(\d+)", name)
+        if not m or m.group(1) not in widths:
+            return (2, 0)
+        return (int(int(m.group(2)) != patch), abs(widths[m.group(1)] - dim))
+
+    return min(mae_variants(), key=distance)
 
 
 def _guess_heads(dim: int, head_dim: int) -> int:
@@ -376,7 +385,9 @@ def _guess_heads(dim: int, head_dim: int) -> int:
     return heads
 
 
-def infer_architecture(weights: Weights, overrides: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], list[str]]:
+def infer_architecture(
+    weights: Weights, overrides: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any], list[str]]:
     """Registered name and constructor arguments for ``weights``: the recorded config, then what
     shapes imply, then standard head counts, with ``overrides`` last. Whatever is still unset
     takes the registered variant's default when the model is built.
@@ -393,7 +404,9 @@ def infer_architecture(weights: Weights, overrides: dict[str, Any] | None = None
         dim = cfg["embed_dim"]
         cfg["num_heads"] = VIT_SIZES[dim][1] if dim in VIT_SIZES else _guess_heads(dim, 64)
         if dim not in VIT_SIZES:
-            notes.append(f"num_heads is not recorded in the file; assumed {cfg['num_heads']} (override with num_heads=...)")
+            notes.append(
+                f"num_heads is not recorded in the file; assumed {cfg['num_heads']} (override with num_heads=...)"
+            )
     if weights.has_decoder and "decoder_num_heads" not in cfg and "decoder_num_heads" not in overrides:
         dim = cfg["decoder_embed_dim"]
         cfg["decoder_num_heads"] = DECODER_HEADS.get(dim) or _guess_heads(dim, 32)
@@ -404,7 +417,7 @@ def infer_architecture(weights: Weights, overrides: dict[str, Any] | None = None
             )
     if weights.has_decoder and "norm_pix_loss" not in cfg and "norm_pix_loss" not in overrides:
         notes.append("norm_pix_loss is not recorded; the model uses False (pass norm_pix_loss=True if trained with it)")
-    if "img_size" in overrides:
+    if "img_size" in overrides or "img_size" in weights.config:
         shape_notes = [n for n in shape_notes if not n.startswith("pos_embed")]
     cfg.update(overrides)
     return arch, cfg, shape_notes + notes

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from openmae.interop.detect import Weights, describe, find_weights_file, read_state_file
+from openmae.interop.detect import DECODER_PREFIXES, Weights, describe, find_weights_file, read_state_file
 
 # transformers' ViTMAEConfig defaults, for fields a config.json leaves out
 HF_DEFAULTS: dict[str, Any] = dict(
@@ -68,7 +68,10 @@ _TOP = {
     "decoder_pred.bias": "decoder.decoder_pred.bias",
 }
 # block list: openmae prefix -> (transformers 4, transformers 5)
-_LAYERS = {"blocks": ("vit.encoder.layer", "vit.layers"), "decoder_blocks": ("decoder.decoder_layers", "decoder.decoder_layers")}
+_LAYERS = {
+    "blocks": ("vit.encoder.layer", "vit.layers"),
+    "decoder_blocks": ("decoder.decoder_layers", "decoder.decoder_layers"),
+}
 _LAYERS_READ = {
     "vit.encoder.layer": "blocks",
     "vit.layers": "blocks",
@@ -149,7 +152,7 @@ def state_to_hf(state: dict[str, Tensor], key_style: str = "v4") -> dict[str, Te
         prefix = f"{_LAYERS[m.group(1)][style]}.{m.group(2)}."
         module, param = m.group(3), m.group(4)
         if module == "attn.qkv":
-            for names, part in zip(_QKV, value.chunk(3, dim=0)):
+            for names, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
                 out[f"{prefix}{names[style]}.{param}"] = part.contiguous()
         elif module in _BLOCK:
             out[f"{prefix}{_BLOCK[module][style]}.{param}"] = value
@@ -260,12 +263,19 @@ def read(path: str | Path, obj: Any = None) -> Weights:
     return Weights(str(path), "hf", describe(state, {}), state, config=cfg, notes=notes, mask_ratio=mask_ratio)
 
 
-def write(model: nn.Module, path: str | Path, key_style: str = "v4", mask_ratio: float | None = None) -> Path:
+def write(
+    model: nn.Module,
+    path: str | Path,
+    key_style: str = "v4",
+    mask_ratio: float | None = None,
+    encoder_only: bool = False,
+) -> Path:
     """A directory that ``transformers.ViTMAEForPreTraining.from_pretrained`` loads with the same numerics.
 
     The fixed sin-cos tables are written into ``position_embeddings`` / ``decoder_pos_embed`` (transformers 5
     leaves them at zero when it builds a model from a config, so they must come from the file).
-    A model without a decoder is written as a ``ViTMAEModel``. Returns the weights file.
+    A model without a decoder, or ``encoder_only``, is written as a ``ViTMAEModel``. Returns the
+    weights file.
     """
     from safetensors.torch import save_file
 
@@ -279,7 +289,11 @@ def write(model: nn.Module, path: str | Path, key_style: str = "v4", mask_ratio:
         raise ValueError("mask_token_in_encoder has no ViTMAE counterpart; it cannot be exported to hf")
     if cfg.get("mask_type", "random") != "random":
         warnings.warn(f"ViTMAE always masks at random; mask_type {cfg['mask_type']!r} is not kept", stacklevel=3)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not (encoder_only and k.startswith(DECODER_PREFIXES))
+    }
     pretraining = "decoder_embed.weight" in state
     hf_state = state_to_hf(state, key_style)
     if not pretraining:  # ViTMAEModel's names have no "vit." prefix

@@ -23,7 +23,15 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from openmae.interop.detect import Weights, describe, read_safetensors, safe_torch_load, split_classifier, strip_prefix
+from openmae.interop.detect import (
+    DECODER_PREFIXES,
+    Weights,
+    describe,
+    read_safetensors,
+    safe_torch_load,
+    split_classifier,
+    strip_prefix,
+)
 
 
 def registered_name(name: str | None) -> str | None:
@@ -71,16 +79,25 @@ def read(path: str | Path, obj: Any = None) -> Weights:
     if isinstance(meta, dict) and "config" in meta:  # written by openmae: the exact architecture
         arch, cfg = meta.get("arch", arch), dict(meta["config"])
     elif obj.get("args") is not None and arch is None:
-        notes.append(f"args.model {getattr(obj['args'], 'model', None)!r} is not a registered name; inferred from shapes")
-    return Weights(str(path), "official", kind, trunk, arch=arch, config=cfg, extras=extras, notes=notes, mask_ratio=mask_ratio)
+        notes.append(
+            f"args.model {getattr(obj['args'], 'model', None)!r} is not a registered name; inferred from shapes"
+        )
+    return Weights(
+        str(path), "official", kind, trunk, arch=arch, config=cfg, extras=extras, notes=notes, mask_ratio=mask_ratio
+    )
 
 
-def write(model: nn.Module, path: str | Path) -> Path:
-    """``{'model': state_dict, 'openmae': meta}`` with ``torch.save``, atomically."""
+def write(model: nn.Module, path: str | Path, encoder_only: bool = False) -> Path:
+    """``{'model': state_dict, 'openmae': meta}`` with ``torch.save``, atomically; ``encoder_only``
+    leaves the decoder out, like the released ``mae_pretrain_vit_*.pth`` files."""
     from openmae.checkpoint import atomic_write, model_meta, unwrap
 
     model = unwrap(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not (encoder_only and k.startswith(DECODER_PREFIXES))
+    }
     obj = {"model": state, "openmae": model_meta(model)}
     path = Path(path)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
