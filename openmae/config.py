@@ -68,7 +68,9 @@ class DataConfig:
     )
     path: str | None = opt(None, "image folder (or a folder of Fashion-MNIST IDX files)", alias="--data")
     img_size: int = opt(28, "training resolution in pixels", alias="--img-size")
-    channels: int | None = opt(None, "image channels; default 1 for the grayscale built-ins, 3 for folders")
+    channels: int | None = opt(
+        None, "image channels (1 or 3); default 1 for the grayscale built-ins (3 repeats the gray), 3 for folders"
+    )
     augment: str = opt("rrc", "rrc: RandomResizedCrop+flip; crop: fixed-size crop+flip; none; rrc_jitter", choices=AUGMENTATIONS)
     crop_scale: list = opt([0.2, 1.0], "RandomResizedCrop area range")
     mean: list | None = opt(None, "per-channel normalisation mean (default: the dataset's)")
@@ -93,6 +95,10 @@ class DataConfig:
             raise ConfigError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1, got {self.limit}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 

@@ -66,10 +66,14 @@ MIN_SEEN_FOR_BAD_CHECK = 20
 # -- per-sample seeding ------------------------------------------------------------------------
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample's transform; a pure function of its arguments."""
+def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for one sample; a pure function of its arguments.
+
+    ``stream`` separates independent uses of the same sample (0: its transform, 1: its mask).
+    """
     mask = (1 << 64) - 1  # SeedSequence wants non-negative entropy; negative run seeds still work
-    words = np.random.SeedSequence([seed & mask, epoch & mask, index & mask]).generate_state(1, dtype=np.uint64)
+    words = [seed & mask, epoch & mask, index & mask] + ([stream] if stream else [])
+    words = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)
     return int(words[0]) >> 1
 
 

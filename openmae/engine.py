@@ -215,7 +215,7 @@ class Trainer:
         train_model = wrap_ddp(train_model, dist, device)
         writer = self._writer()
         ctx = RunContext(self.out_dir, device, dist, self.precision, writer)
-        tracker = BadImageTracker()
+        tracker = BadImageTracker(self.dataset)
         metrics_path = self.out_dir / "metrics.jsonl"
         start_epoch, skip = divmod(step, steps_per_epoch)
         t_start = time.perf_counter()
@@ -346,10 +346,10 @@ class Trainer:
             ckpt.atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if writer is not None:
                 writer.close()
-            bad = tracker.summary()
-            if bad["failed"]:
-                print(f"{bad['failed']} of {bad['seen']} images could not be read:", file=sys.stderr)
-                for line in bad["examples"]:
+            bad = summary["bad_images"]
+            if bad["failed_loads"]:
+                print(f"{bad['failed_loads']} of {bad['images_seen']} image loads failed:", file=sys.stderr)
+                for line in bad["bad_files"][:20]:
                     print(f"  {line}", file=sys.stderr)
         barrier(dist)
         return summary

@@ -8,16 +8,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from openmae.data import sample_seed
 from openmae.masking import sample_mask
 from openmae.optim import param_groups
-
-_MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads (seed, epoch, index) into seeds
-
-
-def sample_seed(seed: int, epoch: int, index: int, salt: int = 0) -> int:
-    """A seed that is a pure function of (seed, epoch, sample index)."""
-    h = (seed * _MIX + epoch * 1_000_003 + index * 7_919 + salt * 104_729) & 0xFFFFFFFFFFFF
-    return h
 
 
 class PretrainTask:
@@ -44,11 +37,11 @@ class PretrainTask:
         grid = self.model.grid_size
         g = torch.Generator()
         if self.mask_type == "grid":  # one kept corner per epoch keeps counts equal across the batch
-            g.manual_seed(sample_seed(self.seed, epoch, 0, salt=1))
+            g.manual_seed(sample_seed(self.seed, epoch, 0, stream=1))
             return {"mask": sample_mask("grid", len(indices), grid, self.mask_ratio, g)}
         rows = []
         for i in indices.tolist():
-            g.manual_seed(sample_seed(self.seed, epoch, i, salt=1))
+            g.manual_seed(sample_seed(self.seed, epoch, i, stream=1))
             if self.mask_type == "random":
                 rows.append(torch.rand(length, generator=g))
             else:
