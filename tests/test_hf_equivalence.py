@@ -242,3 +242,21 @@ def test_mlp_ratio_mismatch_between_encoder_and_decoder_is_refused(tmp_path):
     write_hf_dir(ref, tmp_path, "v5")
     with pytest.raises(ValueError, match="one mlp_ratio"):
         openmae.load_pretrained(tmp_path)
+
+
+def test_encoder_only_export_is_a_vitmae_model(tmp_path):
+    """A model whose decoder was never loaded is exported as transformers' ViTMAEModel (encoder only)."""
+    ref = ViTMAEForPreTraining(hf_config(1e-6)).eval()
+    randomise(ref)
+    ref.vit.save_pretrained(tmp_path / "encoder")  # ViTMAEModel: no decoder, no "vit." prefix
+    model = openmae.load_pretrained(tmp_path / "encoder").eval()
+    assert not model.load_report.has_decoder
+    assert any("no decoder" in n for n in model.load_report.notes)
+    openmae.export_pretrained(model, tmp_path / "out", format="hf")
+    encoder = transformers.ViTMAEModel.from_pretrained(tmp_path / "out").eval()
+    x, noise = inputs()
+    with torch.no_grad():
+        expected = encoder(pixel_values=x, noise=noise).last_hidden_state
+        latent, _, _ = model.forward_encoder(x, mask_ratio=0.75, noise=noise)
+    assert_rel_close(latent, expected)
+    assert_rel_close(latent, ref.vit(pixel_values=x, noise=noise).last_hidden_state.detach())

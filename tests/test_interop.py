@@ -413,3 +413,22 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     back = openmae.load_pretrained(tmp_path / "back.safetensors")
     x, _ = batch()
     torch.testing.assert_close(back.encode(x), model.encode(x), rtol=0, atol=0)
+
+
+def test_convmae_files(tmp_path):
+    """ConvMAE shares the official layout: its files convert to official and back, load into a
+    named model, and are refused (with the reason) where they have no counterpart."""
+    model = randomise(openmae.create_model("convmae_tiny_patch16")).eval()
+    export_pretrained(model, tmp_path / "c.safetensors")
+    assert inspect_checkpoint(tmp_path / "c.safetensors")["arch"] == "convmae_tiny_patch16"
+    export_pretrained(load(tmp_path / "c.safetensors")[0], tmp_path / "c.pth", format="official")
+    assert_same_state(openmae.load_pretrained(tmp_path / "c.pth").state_dict(), model.state_dict())
+    for fmt in ("hf", "timm"):
+        with pytest.raises(ValueError, match="no .* counterpart"):
+            export_pretrained(model, tmp_path / f"c_{fmt}", format=fmt)
+    torch.save({"model": model.state_dict()}, tmp_path / "official_convmae.pth")  # no config
+    with pytest.raises(ValueError, match="ConvMAE checkpoint"):
+        openmae.load_pretrained(tmp_path / "official_convmae.pth")
+    built = openmae.create_model("convmae_tiny_patch16", pretrained=str(tmp_path / "official_convmae.pth"))
+    assert_same_state(built.state_dict(), model.state_dict())
+    assert built.load_report.missing == []

@@ -40,13 +40,14 @@ def _run(args: argparse.Namespace) -> int:
     print(f"path:          {info['path']}")
     print(f"format:        {info['format']} ({info['kind']})")
     shape = (
-        f"embed_dim {c['embed_dim']}, depth {c['depth']}, heads {c.get('num_heads', '?')}, "
-        f"patch {c['patch_size']}, img_size {c.get('img_size', '?')}, in_chans {c['in_chans']}"
+        f"embed_dim {c.get('embed_dim', '?')}, depth {c.get('depth', '?')}, heads {c.get('num_heads', '?')}, "
+        f"patch {c.get('patch_size', '?')}, img_size {c.get('img_size', '?')}, in_chans {c.get('in_chans', '?')}"
     )
     print(f"architecture:  {info['arch']}: {shape}")
     if info["has_decoder"]:
         decoder = (
-            f"yes: {c['decoder_embed_dim']} wide, {c['decoder_depth']} deep, {c.get('decoder_num_heads', '?')} heads"
+            f"yes: {c.get('decoder_embed_dim', '?')} wide, {c.get('decoder_depth', '?')} deep, "
+            f"{c.get('decoder_num_heads', '?')} heads"
         )
     else:
         decoder = "no (reconstruction unavailable)"

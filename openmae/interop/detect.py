@@ -59,6 +59,7 @@ class Weights:
         extras: tensors an MAE has no place for, e.g. a fine-tuned ``head.weight`` / ``fc_norm.*``.
         notes: what a user should know (defaults assumed, parts absent).
         mask_ratio: the mask ratio the file records, if any.
+        complete: ``arch`` and ``config`` are openmae's own record (nothing to infer).
     """
 
     source: str
@@ -70,6 +71,7 @@ class Weights:
     extras: dict[str, Tensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     mask_ratio: float | None = None
+    complete: bool = False
 
     @property
     def has_decoder(self) -> bool:
@@ -304,7 +306,7 @@ def _read_openmae(path: Path) -> Weights:
     info = json.loads(meta["openmae"])
     kind = "training checkpoint" if "training" in meta else "exported model"
     state = _split_model_state(tensors)
-    return Weights(str(path), "openmae", kind, state, arch=info["arch"], config=dict(info["config"]))
+    return Weights(str(path), "openmae", kind, state, arch=info["arch"], config=dict(info["config"]), complete=True)
 
 
 # -- architecture from shapes ------------------------------------------------------------------
@@ -322,6 +324,11 @@ def infer_config(state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
     """
     notes: list[str] = []
     w = state.get("patch_embed.proj.weight")
+    if "patch_embed1.proj.weight" in state:
+        raise ValueError(
+            "this looks like a ConvMAE checkpoint, whose architecture cannot be inferred; build the model "
+            "and load into it: openmae.create_model('convmae_base_patch16', pretrained=path, ...)"
+        )
     if w is None or w.dim() != 4:
         raise ValueError("no conv patch embedding (patch_embed.proj.weight): not a ViT / MAE checkpoint")
     dim, chans, ph, pw = w.shape
@@ -396,6 +403,8 @@ def infer_architecture(
         (arch, config, notes): notes say what had to be assumed.
     """
     overrides = dict(overrides or {})
+    if weights.complete:
+        return weights.arch, {**weights.config, **overrides}, []
     notes: list[str] = []
     shaped, shape_notes = infer_config(weights.state)
     cfg = {**shaped, **weights.config}

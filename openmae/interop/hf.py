@@ -283,8 +283,11 @@ def write(
 
     model = unwrap(model)
     cfg = dict(getattr(model, "config", None) or {})
-    if not cfg or "embed_dim" not in cfg:
-        raise ValueError("export to hf needs an openmae model with a config (build it with openmae.create_model)")
+    if not isinstance(cfg.get("embed_dim"), int) or not hasattr(model, "patch_embed"):
+        raise ValueError(
+            f"export to hf needs an openmae ViT MAE built with openmae.create_model; "
+            f"{getattr(model, 'arch', type(model).__name__)} has no ViTMAE counterpart"
+        )
     if cfg.get("mask_token_in_encoder"):
         raise ValueError("mask_token_in_encoder has no ViTMAE counterpart; it cannot be exported to hf")
     if cfg.get("mask_type", "random") != "random":

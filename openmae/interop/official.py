@@ -76,14 +76,24 @@ def read(path: str | Path, obj: Any = None) -> Weights:
     arch, cfg, mask_ratio = args_config(obj.get("args"))
     notes = []
     meta = obj.get("openmae")
-    if isinstance(meta, dict) and "config" in meta:  # written by openmae: the exact architecture
-        arch, cfg = meta.get("arch", arch), dict(meta["config"])
+    complete = isinstance(meta, dict) and "arch" in meta and "config" in meta
+    if complete:  # written by openmae: the exact architecture
+        arch, cfg = meta["arch"], dict(meta["config"])
     elif obj.get("args") is not None and arch is None:
         notes.append(
             f"args.model {getattr(obj['args'], 'model', None)!r} is not a registered name; inferred from shapes"
         )
     return Weights(
-        str(path), "official", kind, trunk, arch=arch, config=cfg, extras=extras, notes=notes, mask_ratio=mask_ratio
+        str(path),
+        "official",
+        kind,
+        trunk,
+        arch=arch,
+        config=cfg,
+        extras=extras,
+        notes=notes,
+        mask_ratio=mask_ratio,
+        complete=complete,
     )
 
 

@@ -114,8 +114,11 @@ def write(model: nn.Module, path: str | Path) -> Path:
 
     model = unwrap(model)
     cfg = dict(getattr(model, "config", None) or {})
-    if "embed_dim" not in cfg:
-        raise ValueError("export to timm needs an openmae model with a config (build it with openmae.create_model)")
+    if not isinstance(cfg.get("embed_dim"), int) or not hasattr(model, "patch_embed"):
+        raise ValueError(
+            f"export to timm needs an openmae ViT built with openmae.create_model; "
+            f"{getattr(model, 'arch', type(model).__name__)} has no timm VisionTransformer counterpart"
+        )
     state = {
         k: v.detach().cpu().contiguous()
         for k, v in model.state_dict().items()
