@@ -1,0 +1,5 @@
+import sys
+
+from openmae.cli import main
+
+sys.exit(main())
