@@ -157,7 +157,8 @@ def test_classifier_head_and_features():
     assert feats.shape == (2, 16, 48)
     assert m.forward_head(feats, pre_logits=True).shape == (2, 48)
     torch.testing.assert_close(m(x), m.head(m.fc_norm(feats.mean(1))))
-    assert openmae.create_model("convvit_tiny_patch16", num_classes=0, **ENCODER)(torch.randn(1, 3, 32, 32)).shape == (1, 48)
+    features_only = openmae.create_model("convvit_tiny_patch16", num_classes=0, **ENCODER)
+    assert features_only(torch.randn(1, 3, 32, 32)).shape == (1, 48)
 
 
 @pytest.mark.parametrize("img_size", [32, 48, 64])
@@ -171,6 +172,7 @@ def test_pyramid_shapes(img_size):
     assert maps["E3"].shape == (2, 48, g, g)
     assert maps["E4"].shape == (2, 48, (g + 1) // 2, (g + 1) // 2)
     assert {k: v.shape[1] for k, v in maps.items()} == m.pyramid_channels
+    assert m.pyramid_strides == {"E1": 4, "E2": 8, "E3": 16, "E4": 32}
     torch.testing.assert_close(maps["E3"].flatten(2).transpose(1, 2), m.forward_features(x))  # row-major
 
 
@@ -226,7 +228,9 @@ def test_pretrained_encoder_loads_into_backbone():
         torch.testing.assert_close(vit.forward_features(x), tokens)
 
 
-def official_convmae_state(in_chans=3, dims=(16, 32, 48), depth=(1, 1, 2), mlp=(4, 4, 4), dec=16, dec_depth=1, grid=(2, 2)):
+def official_convmae_state(
+    in_chans=3, dims=(16, 32, 48), depth=(1, 1, 2), mlp=(4, 4, 4), dec=16, dec_depth=1, grid=(2, 2)
+):
     """Random weights under the names and shapes of Alpha-VL/ConvMAE models_convmae.py, written
     out from that file's layout (not from openmae's modules)."""
     g = torch.Generator().manual_seed(1)
@@ -295,6 +299,10 @@ def test_official_checkpoint_layout_loads(tmp_path):
     for k, v in state.items():
         torch.testing.assert_close(m.state_dict()[k], v, rtol=0, atol=0)
     assert torch.isfinite(m(torch.randn(1, 3, 32, 32)).loss)
+    # and through the public entry point (openmae.interop reads official files)
+    built = openmae.create_model("convmae_tiny_patch16", pretrained=str(path), **ENCODER, **DECODER)
+    for k, v in state.items():
+        torch.testing.assert_close(built.state_dict()[k], v, rtol=0, atol=0)
     # a bare state dict works too, and the encoder feeds the backbone
     torch.save(state, tmp_path / "bare.pth")
     assert load_official_convmae(tmp_path / "bare.pth").keys() == state.keys()

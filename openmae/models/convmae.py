@@ -424,7 +424,9 @@ def masked_attention(attn: Attention, x: Tensor, attn_mask: Tensor) -> Tensor:
     return attn.proj(x.transpose(1, 2).reshape(b, t, d))
 
 
-def window_block(blk: Block, x: Tensor, grid: tuple[int, int], window: int, shift: int, attn_mask: Tensor | None) -> Tensor:
+def window_block(
+    blk: Block, x: Tensor, grid: tuple[int, int], window: int, shift: int, attn_mask: Tensor | None
+) -> Tensor:
     """Run a transformer block with (shifted-)window attention.
 
     Args:
@@ -489,7 +491,9 @@ class ConvViT(ConvViTEncoder):
         attn_impl: str = "auto",
     ):
         config = _json_config(model_config(locals()))
-        super().__init__(img_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_eps, drop_path_rate, attn_impl)
+        super().__init__(
+            img_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_eps, drop_path_rate, attn_impl
+        )
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if window_size < 0:
@@ -515,8 +519,10 @@ class ConvViT(ConvViTEncoder):
             self.register_buffer(
                 f"window_mask_{shift}", window_attention_mask(self.grid_size, window_size, shift), persistent=False
             )
-        self.pyramid_channels = {"E1": self.embed_dims[0], "E2": self.embed_dims[1], "E3": self.embed_dim, "E4": self.embed_dim}
-        self.pyramid_strides = {"E1": 4, "E2": 8, "E3": 16, "E4": 32}
+        d1, d2, d3 = self.embed_dims
+        self.pyramid_channels = {"E1": d1, "E2": d2, "E3": d3, "E4": d3}
+        s1, s2, s3 = STAGE_STRIDES
+        self.pyramid_strides = {"E1": s1, "E2": s1 * s2, "E3": PATCH_SIZE, "E4": 2 * PATCH_SIZE}
         self.apply(init_weights)
         self.init_encoder_weights()
 
