@@ -41,6 +41,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from openmae.checkpoint import atomic_write, unwrap
+from openmae.data import DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
+from openmae.data import load_image as read_image
 from openmae.masking import MASK_TYPES, check_mask_ratio, num_kept, sample_mask
 from openmae.patches import to_2tuple
 
@@ -49,13 +51,6 @@ PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 MASK_FILL = 0.5  # removed patches are shown mid-grey, as in the paper's figures
 PATCH_EPS = 1.0e-6  # the norm-pix target's epsilon: (x - mean) / sqrt(var + eps)
 
-# The data pipeline's default normalisation (openmae/data.py uses the same numbers).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
-DIGITS_MEAN = (0.3055,)
-DIGITS_STD = (0.3759,)
 _DATASET_NORMALIZATION = {
     "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
     "digits": (DIGITS_MEAN, DIGITS_STD),
@@ -730,23 +725,18 @@ def list_images(path: str | os.PathLike) -> list[Path]:
 def load_image(path: str | os.PathLike, channels: int, size: int | tuple[int, int]) -> Tensor:
     """Read an image as (C, H, W) float pixels in [0, 1]: shorter side resized (bicubic), centre-cropped.
 
-    ``channels`` 1 converts to grayscale, 3 to RGB.
+    ``channels`` 1 converts to grayscale, 3 to RGB (odd modes as the data pipeline converts them).
     """
-    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
 
-    modes = {1: "L", 3: "RGB"}
-    if channels not in modes:
+    if channels not in (1, 3):
         raise ValueError(f"can read images as 1 or 3 channels, not {channels}")
+    image = read_image(path, channels)  # uint8 (C, H, W), None when unreadable
+    if image is None:
+        raise ValueError(f"cannot read image {path}: the file is corrupt or not an image")
     th, tw = to_2tuple(size)
-    with Image.open(path) as img:
-        img = img.convert(modes[channels])
-        w, h = img.size
-        scale = max(th / h, tw / w)  # cover the target, then crop the middle
-        nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - tw) // 2, (nh - th) // 2
-        img = img.crop((left, top, left + tw, top + th))
-        array = np.asarray(img, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (C, H, W)
+    h, w = image.shape[-2:]
+    scale = max(th / h, tw / w)  # cover the target, then crop the middle
+    image = TF.resize(image, [max(th, round(h * scale)), max(tw, round(w * scale))],
+                      interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(image, [th, tw]).float() / 255.0
