@@ -152,10 +152,14 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     log_every: int = opt(20, "log scalars every N steps")
     resume: str | None = opt("auto", "checkpoint to resume: a path, 'auto' (latest in output dir) or 'none'", alias="--resume")
+    recon_every: int = opt(1, "reconstruct fixed held-out images every N epochs (0: never)")
+    recon_images: int = opt(8, "how many held-out images those figures show")
     compile: bool = opt(False, "torch.compile the model")
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        if self.recon_every < 0 or self.recon_images < 1:
+            raise ConfigError("train.recon_every must be >= 0 and train.recon_images >= 1")
         for name in ("epochs", "batch_size", "accum_steps", "save_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -54,6 +54,12 @@ class PretrainTask:
         out = model(images, self.mask_ratio, **m)
         return {"loss": out.loss}
 
+    def on_train_end(self, ctx) -> None:
+        if ctx.dist.is_main and (ctx.out_dir / "metrics.jsonl").exists():
+            from openmae.visualize import plot_loss_curve
+
+            plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png")
+
     def on_epoch_end(self, ctx) -> dict[str, float] | None:
         metrics: dict[str, float] = {}
         for hook in self.hooks:

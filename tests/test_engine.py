@@ -40,6 +40,8 @@ def test_run_writes_outputs(tmp_path):
     for name in ["config.yaml", "environment.json", "command.txt", "metrics.jsonl", "summary.json", "model.safetensors"]:
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tb").iterdir())
+    assert (tmp_path / "loss_curve.png").exists()
+    assert sorted(p.name for p in (tmp_path / "reconstructions").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r and "epoch_end" not in r]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]

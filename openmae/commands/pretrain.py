@@ -64,6 +64,38 @@ def build_pretrain_model(cfg: PretrainConfig, channels: int) -> torch.nn.Module:
         raise ConfigError(f"cannot build {cfg.model.name}: {e}") from None
 
 
+class ReconstructionHook:
+    """Every ``train.recon_every`` epochs, reconstruct the same held-out images (PNG + TensorBoard)."""
+
+    def __init__(self, cfg: PretrainConfig, train_set) -> None:
+        from openmae.data import build_dataset
+
+        try:  # the held-out split where there is one, else un-augmented training images
+            held = build_dataset(cfg.data, split="test", augment=False, seed=cfg.train.seed)
+        except (ValueError, FileNotFoundError):
+            held = build_dataset(cfg.data, split="train", augment=False, seed=cfg.train.seed)
+        images = []
+        for i in range(len(held)):
+            image = held[i][0]
+            if image is not None:
+                images.append(image)
+            if len(images) == cfg.train.recon_images:
+                break
+        self.images = torch.stack(images)
+        self.mean, self.std = train_set.mean, train_set.std
+        self.every = cfg.train.recon_every
+        self.seed = cfg.train.seed
+
+    def __call__(self, task, ctx) -> None:
+        from openmae.visualize import log_reconstructions
+
+        epoch = ctx.epoch + 1
+        if ctx.dist.is_main and epoch % self.every == 0:
+            log_reconstructions(task.model, self.images.to(ctx.device), ctx.writer, ctx.out_dir, epoch,
+                                self.mean, self.std, mask_ratios=task.mask_ratio, mask_type=task.mask_type,
+                                seed=self.seed)
+
+
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain as configured; returns the run summary (also written to ``summary.json``)."""
     from openmae.data import build_dataset
@@ -74,6 +106,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = build_pretrain_model(cfg, dataset.channels)
     task = PretrainTask(model, cfg.model.mask_ratio, cfg.model.mask_type, cfg.train.seed)
+    if cfg.train.recon_every:
+        task.hooks.append(ReconstructionHook(cfg, dataset))
     config = to_dict(cfg)
     config["data"]["mean"], config["data"]["std"] = list(dataset.mean), list(dataset.std)
     trainer = Trainer(task, dataset, cfg.train, cfg.optim, config)
