@@ -32,7 +32,12 @@ from openmae.precision import Precision, resolve_precision
 
 
 class Task(Protocol):
-    """What the engine needs from a pretraining / fine-tuning / probing task."""
+    """What the engine needs from a pretraining / fine-tuning / probing task.
+
+    Optional members: ``name`` (the progress bar's label), ``build_optimizer(groups, lr, optim_cfg)``
+    (default: AdamW with ``optim_cfg.betas``), ``on_epoch_end(ctx)`` (metrics, logged),
+    and ``on_train_end(ctx)`` (summary fields).
+    """
 
     model: nn.Module
 
@@ -115,6 +120,16 @@ def describe_environment(dist: DistInfo) -> dict[str, Any]:
     }
 
 
+def write_run_files(out_dir: Path, config: dict[str, Any], dist: DistInfo) -> None:
+    """What makes a run describe itself: the resolved config, the environment and the command."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    env = describe_environment(dist)
+    ckpt.atomic_write_text(out_dir / "environment.json", json.dumps(env, indent=2) + "\n")
+    with open(out_dir / "command.txt", "a") as f:
+        f.write(env["command"] + "\n")
+
+
 class Trainer:
     """Run a task for ``train.epochs`` epochs with AdamW, warmup + cosine, accumulation,
     optional clipping, mixed precision, DDP, logging and atomic, resumable checkpoints.
@@ -156,14 +171,10 @@ class Trainer:
         return self.cfg.batch_size * self.cfg.accum_steps * self.dist.world_size
 
     def _write_run_files(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
-        env = describe_environment(self.dist)
-        ckpt.atomic_write_text(self.out_dir / "environment.json", json.dumps(env, indent=2) + "\n")
-        with open(self.out_dir / "command.txt", "a") as f:
-            f.write(env["command"] + "\n")
+        write_run_files(self.out_dir, self.config, self.dist)
 
-    def _find_resume(self) -> Path | None:
+    def find_resume(self) -> Path | None:
+        """The checkpoint ``train.resume`` points at, None for a fresh run."""
         spec = self.cfg.resume
         if spec is None:
             return None
@@ -191,10 +202,14 @@ class Trainer:
         warmup_steps = round(self.optim_cfg.warmup_epochs * steps_per_epoch)
         peak_lr = self.optim_cfg.resolved_lr(self.effective_batch())
 
-        resume_path = self._find_resume()
+        resume_path = self.find_resume()
         model = self.task.model.to(device)
         groups = self.task.param_groups(self.optim_cfg.weight_decay)
-        optimizer = build_adamw(groups, peak_lr, self.optim_cfg.betas)
+        build_optimizer = getattr(self.task, "build_optimizer", None)
+        if build_optimizer is not None:  # e.g. LARS for linear probing
+            optimizer = build_optimizer(groups, peak_lr, self.optim_cfg)
+        else:
+            optimizer = build_adamw(groups, peak_lr, self.optim_cfg.betas)
         scaler = self.precision.scaler()
         step = 0
         if resume_path is not None:
@@ -209,6 +224,12 @@ class Trainer:
                 print(f"resuming from {resume_path} at step {step}/{total_steps}", file=sys.stderr)
         if dist.is_main:
             self._write_run_files()
+            print(
+                f"{type(self.task).__name__}: {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, effective batch "
+                f"{self.effective_batch()}, peak lr {peak_lr:.3g}, {device}, {self.precision.name}, "
+                f"{dist.world_size} process(es) -> {self.out_dir}",
+                file=sys.stderr,
+            )
         barrier(dist)
 
         train_model = torch.compile(model) if cfg.compile else model
@@ -226,7 +247,8 @@ class Trainer:
         if dist.is_main and cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
+            label = getattr(self.task, "name", "pretrain")
+            bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc=label)
 
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -317,6 +339,8 @@ class Trainer:
                 if dist.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"epoch_end": epoch + 1, "step": step, **(metrics or {})}) + "\n")
+                    scalars = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+                    ctx.log_scalars(scalars, step)
                 if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                     self._save(model, optimizer, scaler, step, epoch, device)
 
