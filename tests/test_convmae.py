@@ -54,7 +54,7 @@ def test_shapes_at_several_image_sizes(img_size):
     x = torch.randn(3, 2, h, w)
     latent, mask, ids_restore = m.forward_encoder(x, mask_ratio=0.75)
     keep = int(gh * gw * 0.25)
-    assert m.grid_size == (gh, gw) and m.num_patches == gh * gw
+    assert m.grid_size == (gh, gw) and m.num_patches == gh * gw and m.num_prefix_tokens == 0
     assert latent.shape == (3, keep, 48)  # no cls token
     assert mask.shape == ids_restore.shape == (3, gh * gw)
     assert int(mask.sum(1)[0]) == gh * gw - keep
@@ -226,6 +226,29 @@ def test_pretrained_encoder_loads_into_backbone():
         for blk in mae.blocks3:
             tokens = blk(tokens)
         torch.testing.assert_close(vit.forward_features(x), tokens)
+
+
+def test_backbone_from_the_pretraining_config_and_layer_decay():
+    from timm.optim import param_groups_layer_decay
+
+    mae = tiny_convmae(32)
+    vit = openmae.create_model("convvit_tiny_patch16", **mae.config, num_classes=3)  # decoder args dropped
+    assert vit.img_size == mae.img_size and vit.embed_dims == mae.embed_dims
+    vit.load_state_dict(mae.state_dict(), strict=False)
+    scales = {}
+    for group in param_groups_layer_decay(vit, 0.05, no_weight_decay_list=["pos_embed"], layer_decay=0.5):
+        for p in group["params"]:
+            scales[p.data_ptr()] = group["lr_scale"]
+    named = dict(vit.named_parameters())
+
+    def scale(name):
+        return scales[named[name].data_ptr()]
+
+    # official grouping: stem + conv stages = layer 0, blocks3.i = i + 1, head on top (depth3 = 2)
+    for stem in ("patch_embed1.proj.weight", "blocks2.0.conv1.weight", "patch_embed4.weight"):
+        assert scale(stem) == 0.5**3, stem
+    assert scale("blocks3.0.attn.qkv.weight") == 0.5**2 and scale("blocks3.1.mlp.fc2.weight") == 0.5
+    assert scale("head.weight") == scale("fc_norm.weight") == 1.0
 
 
 def official_convmae_state(

@@ -150,6 +150,8 @@ class ConvViTEncoder(nn.Module):
         attn_impl: ``auto``, ``explicit`` or ``sdpa`` (see :class:`openmae.models.vit.Attention`).
     """
 
+    num_prefix_tokens = 0  # timm's name: no cls token, every method returns patch tokens only
+
     def __init__(
         self,
         img_size: int | Sequence[int] = 224,
@@ -565,6 +567,12 @@ class ConvViT(ConvViTEncoder):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layers for timm's layer-wise lr decay, as the official ConvMAE fine-tuning: the patch
+        embeddings, positions and both conv stages form layer 0, stage-3 block i is layer i + 1,
+        ``fc_norm`` and ``head`` the top."""
+        return {"stem": r"^pos_embed|^patch_embed|^blocks[12]\.", "blocks": [(r"^blocks3\.(\d+)", None)]}
+
 
 # -- official checkpoints ------------------------------------------------------------------------------
 
@@ -594,14 +602,23 @@ def _json_config(cfg: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
+# Constructor arguments of ConvMAE with no place in ConvViT; its factories drop them, so that
+# ``create_model("convvit_base_patch16", **convmae.config)`` builds the pretrained model's backbone.
+CONVMAE_ONLY_ARGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss", "mask_type")
+
+
 def _register(cls: type[nn.Module], name: str, **defaults):
     def factory(**overrides) -> nn.Module:
-        model = cls(**{**defaults, **overrides})
+        kwargs = {**defaults, **overrides}
+        if cls is ConvViT:
+            kwargs = {k: v for k, v in kwargs.items() if k not in CONVMAE_ONLY_ARGS}
+        model = cls(**kwargs)
         model.arch = name
         return model
 
     factory.__name__ = name
     factory.__doc__ = f"{cls.__name__} {name}: " + ", ".join(f"{k}={v}" for k, v in defaults.items())
+    factory.defaults = dict(defaults)
     return register_model(factory)
 
 
