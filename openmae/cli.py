@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # one module per command under openmae/commands/
-COMMANDS = ["pretrain", "models", "recipes", "reconstruct", "convert", "inspect"]
+COMMANDS = ["pretrain", "models", "recipes", "reconstruct", "convert", "inspect", "finetune", "linprobe", "knn", "embed"]
 
 
 def build_parser() -> argparse.ArgumentParser:
