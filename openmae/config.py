@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = opt("mae_vit_tiny_patch4", "registered model name (openmae models lists them)", alias="--model")
+    name: str = opt("mae_vit_micro_patch4", "registered model name (openmae models lists them)", alias="--model")
     mask_ratio: float = opt(0.75, "fraction of patches removed, in [0, 1)", alias="--mask-ratio")
     mask_type: str = opt("random", "mask sampler", choices=MASK_TYPES, alias="--mask")
     norm_pix_loss: bool = opt(True, "regress per-patch normalised pixels (the paper's recipe)")
@@ -117,12 +117,12 @@ def _looks_like_idx_dir(path: str) -> bool:
 
 @dataclass
 class OptimConfig:
-    base_lr: float = opt(1.5e-4, "lr = base_lr * effective batch / 256", alias="--blr")
+    base_lr: float = opt(1e-3, "lr = base_lr * effective batch / 256 (paper: 1.5e-4 for 800 epochs)", alias="--blr")
     lr: float | None = opt(None, "absolute learning rate (overrides base_lr)", alias="--lr")
     min_lr: float = opt(0.0, "floor of the cosine schedule")
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, 1-D params, tokens)")
     betas: list = opt([0.9, 0.95], "AdamW betas")
-    warmup_epochs: float = opt(1.0, "linear warmup length in epochs (paper: 40 of 800)", alias="--warmup-epochs")
+    warmup_epochs: float = opt(0.25, "linear warmup length in epochs (paper: 40 of 800)", alias="--warmup-epochs")
     clip_grad: float | None = opt(None, "clip the global gradient norm to this value (off by default)")
 
     def __post_init__(self) -> None:
@@ -139,8 +139,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(4, "number of epochs", alias="--epochs")
-    batch_size: int = opt(128, "images per process per step (effective batch = this x accum x world)", alias="--batch-size")
+    epochs: int = opt(2, "number of epochs", alias="--epochs")
+    batch_size: int = opt(256, "images per process per step (effective batch = this x accum x world)", alias="--batch-size")
     accum_steps: int = opt(1, "gradient accumulation steps", alias="--accum")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (schedule still spans epochs)")
     precision: str = opt("auto", "auto: bf16 autocast on CPU / capable GPUs, fp16 + scaler on others", choices=PRECISIONS)
