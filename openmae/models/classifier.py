@@ -166,6 +166,11 @@ vit_tiny_patch4 = _classifier(
     "vit_tiny_patch4", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=6, num_heads=3
 )
 
+# The encoder of mae_vit_micro_patch4, the built-in CPU default.
+vit_micro_patch4 = _classifier(
+    "vit_micro_patch4", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=4, num_heads=4
+)
+
 
 def classifier_name(arch: str) -> str | None:
     """The registered classifier for a pretraining architecture (``mae_vit_base_patch16`` ->
