@@ -7,6 +7,20 @@ optimizer state); on GPU ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/convmae_vs_mae.py                          # 224 px, batch 8, bf16
     python benchmarks/convmae_vs_mae.py --batch 32 --precision fp32 --steps 5
+
+GFLOP/img (forward + backward of one image, counted by torch.utils.flop_counter) does not depend
+on the machine. On a CPU shared with other jobs, ``--threads 1`` gives steadier times: two threads
+on two busy cores spend their time waiting for each other.
+
+Measured 2026-11-23 on the 2-core AVX2 development VM (no bf16 hardware: oneDNN emulates bf16 and
+runs it 20-100x slower than fp32, so bf16 is not how to train on such a CPU):
+
+    --precision fp32 --threads 1 (2 warm-up + 3 timed steps)
+      convmae_base_patch16  135.2 GFLOP/img  17.06 s/step  0.47 images/s  peak RSS 4269 MiB (+3110)
+      mae_vit_base_patch16   58.5 GFLOP/img   8.45 s/step  0.95 images/s  peak RSS 3276 MiB (+2128)
+    --precision bf16 --warmup 0 --steps 1 (2 threads; a step takes minutes here)
+      convmae_base_patch16  703.0 s/step  0.011 images/s  peak RSS 3081 MiB (+1922)
+      mae_vit_base_patch16  276.7 s/step  0.029 images/s  peak RSS 3081 MiB (+1933)
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ DEFAULT_MODELS = ("convmae_base_patch16", "mae_vit_base_patch16")
 def measure(args: argparse.Namespace) -> dict:
     """Time ``args.steps`` training steps of ``args.worker`` after ``args.warmup`` untimed ones."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     import openmae
 
@@ -52,24 +67,32 @@ def measure(args: argparse.Namespace) -> dict:
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     median = sorted(times)[len(times) // 2]
-    result = {
+    if device.type == "cuda":
+        peak = {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+    else:
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = {"peak_mib": peak_rss, "step_mib": peak_rss - rss_before}
+    # work per image, independent of the machine's load: FLOPs of forward + backward on one image
+    with FlopCounterMode(display=False) as flops, autocast():
+        model(images[:1], mask_ratio=0.75).loss.backward()
+    opt.zero_grad(set_to_none=True)
+    return {
         "model": args.worker,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflop_per_image": flops.get_total_flops() / 1e9,
         "step_s": median,
         "images_per_s": args.batch / median,
+        # CPU seconds of all threads: steadier than wall time when other jobs share the cores
+        "cpu_s": sorted(cpu_times)[len(cpu_times) // 2],
+        **peak,
     }
-    if device.type == "cuda":
-        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result.update(peak_mib=peak, step_mib=peak - rss_before)
-    return result
 
 
 def main() -> None:
@@ -91,7 +114,7 @@ def main() -> None:
     print(f"{args.img_size} px, batch {args.batch}, {args.precision}, {args.device}; "
           f"median of {args.steps} timed steps after {args.warmup} warm-up; mask ratio 0.75")
     memory = "peak MiB" if args.device.startswith("cuda") else "peak RSS MiB (step rise)"
-    print(f"{'model':24s} {'params':>8s} {'step s':>8s} {'images/s':>9s}  {memory}")
+    print(f"{'model':24s} {'params':>8s} {'GFLOP/img':>9s} {'step s':>8s} {'images/s':>9s} {'cpu s':>8s}  {memory}")
     results = []
     for name in args.models:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", name]
@@ -102,10 +125,15 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         results.append(r)
         mem = f"{r['peak_mib']:.0f}" + (f" ({r['step_mib']:+.0f})" if "step_mib" in r else "")
-        print(f"{name:24s} {r['params_m']:7.1f}M {r['step_s']:8.2f} {r['images_per_s']:9.2f}  {mem}", flush=True)
+        print(
+            f"{name:24s} {r['params_m']:7.1f}M {r['gflop_per_image']:9.1f} {r['step_s']:8.2f} "
+            f"{r['images_per_s']:9.2f} {r['cpu_s']:8.2f}  {mem}",
+            flush=True,
+        )
     if len(results) == 2:
         a, b = results
         print(f"{a['model']} / {b['model']}: {a['images_per_s'] / b['images_per_s']:.2f}x images/s, "
+              f"{a['gflop_per_image'] / b['gflop_per_image']:.2f}x FLOPs, "
               f"{a['peak_mib'] / b['peak_mib']:.2f}x peak memory")
 
 
