@@ -44,7 +44,7 @@ class EncoderConfig:
     name: str | None = opt(
         None,
         "classifier architecture (`openmae models vit_`; an MAE name picks its encoder); "
-        "default: the checkpoint's, else vit_tiny_patch4",
+        "default: the checkpoint's, else vit_micro_patch4",
         alias="--model",
     )
     global_pool: str = opt(
@@ -181,7 +181,10 @@ class LinprobeData(DataConfig):
 
 @dataclass
 class LinprobeOptim(OptimConfig):
-    base_lr: float = opt(0.1, "lr = base_lr * effective batch / 256 (paper: 0.1 at batch 16384)", alias="--blr")
+    base_lr: float = opt(
+        16.0, "lr = base_lr * effective batch / 256. LARS moves a weight matrix by about lr x 0.001 of its norm per "
+        "step, so few steps need a large lr: the paper's 0.1 is for batch 16384 over ~7000 steps", alias="--blr",
+    )
     weight_decay: float = opt(0.0, "weight decay of the linear layer (paper: 0)")
     warmup_epochs: float = opt(1.0, "linear warmup length in epochs (paper: 10 of 90)", alias="--warmup-epochs")
 

@@ -38,7 +38,7 @@ from openmae.models.classifier import VisionTransformer, classifier_args, classi
 from openmae.optim import build_adamw, param_groups
 from openmae.precision import Precision
 
-DEFAULT_CLASSIFIER = "vit_tiny_patch4"
+DEFAULT_CLASSIFIER = "vit_micro_patch4"  # the encoder of the CPU default, mae_vit_micro_patch4
 TOPK = (1, 5)
 # Tensors of a pretraining model that a classifier has no place for (the decoder is handled by
 # interop's loader, which ignores it).

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "embed",
         help="features of a folder of images, to safetensors or .npy",
         description="Encode every image under a folder (recursively, sorted by path) with a frozen encoder. "
-        ".safetensors: tensor 'features' (N, D), metadata 'paths' (JSON list) and 'openmae' (how they were made); "
+        ".safetensors: tensor 'features' (N, D) and metadata 'openmae', JSON with 'paths' and how they were made; "
         ".npy: the (N, D) array, and the paths one per line in NAME.paths.txt. Deterministic: the same "
         "inputs and settings give the same bytes.",
         epilog=EXAMPLES,
@@ -148,7 +148,8 @@ def embed_folder(
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            meta = {"paths": json.dumps(paths), "openmae": json.dumps(info)}
+            # one metadata entry: safetensors writes several in a random order, and the bytes must not vary
+            meta = {"openmae": json.dumps({"paths": paths, **info})}
             atomic_write(out, lambda tmp: save_file({"features": features}, tmp, metadata=meta))
         else:
             def write_npy(tmp: str) -> None:

@@ -12,7 +12,7 @@ from openmae.eval_config import KNNConfig
 
 EXAMPLES = """examples:
   openmae knn --checkpoint runs/pretrain                 # Fashion-MNIST: 60k memory bank, 10k queries
-  openmae knn --model vit_tiny_patch4                    # the same architecture at random initialisation
+  openmae knn --model vit_micro_patch4                   # the default architecture at random initialisation
   openmae knn --checkpoint mae_pretrain_vit_base.pth --data /datasets/imagenet --img-size 224 --knn.crop_pct 0.875
 """
 
