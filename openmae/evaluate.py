@@ -41,8 +41,8 @@ from openmae.precision import Precision
 DEFAULT_CLASSIFIER = "vit_micro_patch4"  # the encoder of the CPU default, mae_vit_micro_patch4
 TOPK = (1, 5)
 # Tensors of a pretraining model that a classifier has no place for (the decoder is handled by
-# interop's loader, which ignores it).
-PRETRAIN_ONLY = ("encoder_mask_token",)
+# interop's loader, which ignores it): MAE's optional encoder mask token, ConvMAE's multi-scale fusion.
+PRETRAIN_ONLY = ("encoder_mask_token", "stage1_output_decode.", "stage2_output_decode.")
 
 
 # -- transforms --------------------------------------------------------------------------------
@@ -207,8 +207,9 @@ def _architecture(model_cfg: EncoderConfig, weights) -> tuple[str, dict[str, Any
     name = classifier_name(arch)
     if name is None:
         raise ConfigError(
-            f"{weights.source} holds a {arch}, another architecture than the ViT these protocols evaluate "
-            "(mae_vit_* / vit_* encoders, official MAE, Hugging Face ViTMAE or timm ViT checkpoints)"
+            f"{weights.source} holds a {arch}, another architecture than those these protocols evaluate "
+            "(mae_vit_* / vit_* and convmae_* / convvit_* encoders, official MAE, Hugging Face ViTMAE or timm "
+            "ViT checkpoints)"
         )
     encoder = {k: v for k, v in cfg.items() if k in classifier_args()}
     if wanted is not None and wanted != name:
@@ -403,27 +404,30 @@ def check_resume(path: Path | None, model: VisionTransformer) -> None:
 # -- freezing ----------------------------------------------------------------------------------
 
 
-def freeze_for_tuning(model: VisionTransformer, tune_blocks: str | int) -> list[str]:
+def freeze_for_tuning(model: nn.Module, tune_blocks: str | int) -> list[str]:
     """Partial fine-tuning: freeze all but the last K blocks, or all but the last block's MLP half.
 
-    The head and ``fc_norm`` always train; the final ``norm`` trains with any block. ``all``
-    freezes nothing (the fixed position table stays fixed). Returns the names left trainable.
+    The blocks are the model's ``tunable_blocks()`` (a ViT's blocks, ConvViT's stage-3 blocks);
+    of its ``readout_modules()``, the last two (``fc_norm``, the head) always train and any before
+    them (a final ``norm``) train with any block. ``all`` freezes nothing (the fixed position table
+    stays fixed). Returns the names left trainable.
     """
     spec = parse_tune_blocks(tune_blocks)
-    depth = len(model.blocks)
     if spec == "all":
         return [n for n, p in model.named_parameters() if p.requires_grad]
-    readout = ("head.", "fc_norm.")
+    blocks = model.tunable_blocks()
+    depth = len(blocks)
+    *trunk_end, fc_norm, head = model.readout_modules()
     if spec == "mlp":
-        last = depth - 1
-        train = (f"blocks.{last}.norm2.", f"blocks.{last}.mlp.", "norm.", *readout)
+        tuned = [blocks[-1].norm2, blocks[-1].mlp, *trunk_end] if depth else []
     else:
         if spec > depth:
             raise ConfigError(f"finetune.tune_blocks {spec} is more than the model's {depth} blocks")
-        train = tuple(f"blocks.{i}." for i in range(depth - spec, depth)) + (("norm.",) if spec else ()) + readout
+        tuned = blocks[depth - spec :] + (trunk_end if spec else [])
+    train = {id(p) for m in (*tuned, fc_norm, head) for p in m.parameters()}
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(train)
+        p.requires_grad = id(p) in train
         if p.requires_grad:
             trainable.append(name)
     return trainable
@@ -498,12 +502,17 @@ def _progress(iterable, enabled: bool, label: str):
 def pooled_features(model: nn.Module, images: Tensor, pool: str = "token") -> Tensor:
     """(N, C, H, W) -> (N, D): a classifier's pre-logits, or an MAE's cls / mean patch token
     after its final norm (its deterministic, unmasked ``encode``)."""
-    if isinstance(model, VisionTransformer):
+    if hasattr(model, "forward_head"):
         return model.forward_head(model.forward_features(images), pre_logits=True)
     if not hasattr(model, "encode"):
         raise TypeError(f"{type(model).__name__} has no encode(images); features need a ViT encoder")
-    tokens = model.encode(images)  # (N, 1 + L, D)
-    return tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(dim=1)
+    tokens = model.encode(images)  # (N, P + L, D): P prefix (cls) tokens, then the patch tokens
+    prefix = model.num_prefix_tokens
+    if pool == "token":
+        if prefix == 0:
+            raise ValueError(f"{type(model).__name__} has no cls token: pool 'avg' instead of 'token'")
+        return tokens[:, 0]
+    return tokens[:, prefix:].mean(dim=1)
 
 
 @torch.no_grad()

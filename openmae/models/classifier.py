@@ -117,6 +117,15 @@ class VisionTransformer(ViTEncoder):
 
     # -- timm-style interface --------------------------------------------------------------------
 
+    def tunable_blocks(self) -> list[nn.Module]:
+        """The blocks partial fine-tuning (``--tune-blocks K``) counts from the end, in order."""
+        return list(self.blocks)
+
+    def readout_modules(self) -> list[nn.Module]:
+        """What reads the blocks' output: the final norm (trained with any tuned block), then the
+        pooled-feature norm and the head (always trained)."""
+        return [self.norm, self.fc_norm, self.head]
+
     def forward_features(self, images: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, 1 + L, D) tokens, cls first (after ``norm``, an identity with fc_norm)."""
         return self.encode(images)
@@ -172,14 +181,20 @@ vit_micro_patch4 = _classifier(
 )
 
 
+# Pretraining-model prefix -> the prefix of its classifier (the encoder with a head).
+CLASSIFIER_PREFIXES = {"mae_vit_": "vit_", "convmae_": "convvit_"}
+
+
 def classifier_name(arch: str) -> str | None:
     """The registered classifier for a pretraining architecture (``mae_vit_base_patch16`` ->
-    ``vit_base_patch16``), the name itself for a classifier, None when there is none."""
+    ``vit_base_patch16``, ``convmae_base_patch16`` -> ``convvit_base_patch16``), the name itself
+    for a classifier, None when there is none."""
     from openmae.registry import list_models
 
-    names = set(list_models("vit_"))
-    for candidate in (arch, arch.removeprefix("mae_")):
-        if candidate in names and candidate.startswith("vit_"):
+    names = set(list_models())
+    candidates = [arch] + [c + arch.removeprefix(p) for p, c in CLASSIFIER_PREFIXES.items() if arch.startswith(p)]
+    for candidate in candidates:
+        if candidate in names and candidate.startswith(tuple(CLASSIFIER_PREFIXES.values())):
             return candidate
     return None
 
@@ -199,4 +214,4 @@ def classifier_defaults(name: str) -> dict[str, Any]:
     return {**classifier_args(), **model_factory(name).defaults}
 
 
-__all__ = ["GLOBAL_POOLS", "VisionTransformer", "classifier_args", "classifier_defaults", "classifier_name"]
+__all__ = ["CLASSIFIER_PREFIXES", "GLOBAL_POOLS", "VisionTransformer", "classifier_args", "classifier_defaults", "classifier_name"]

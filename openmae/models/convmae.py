@@ -461,13 +461,19 @@ class ConvViT(ConvViTEncoder):
     """ConvMAE's encoder for fine-tuning: a classifier and a multi-scale backbone.
 
     As in the official fine-tuning model, there is no multi-scale fusion and no final norm: the
-    classifier averages the stage-3 tokens and applies ``fc_norm``. So ConvMAE weights load with
+    classifier averages the stage-3 tokens and applies ``fc_norm``. Its readout takes the same
+    arguments as :class:`openmae.models.classifier.VisionTransformer`'s, so the evaluation
+    protocols build either one. So ConvMAE weights load with
     ``load_state_dict(strict=False)``, reporting as unexpected only the pretraining-only keys
     (``decoder_*``, ``mask_token``, ``stage1_output_decode``, ``stage2_output_decode``, ``norm``)
     and as missing only ``fc_norm`` and ``head``.
 
     Args (beyond :class:`ConvViTEncoder`):
         num_classes: classes of the linear head; 0 makes ``head`` an identity.
+        global_pool: ``avg`` only (the mean of the stage-3 tokens): there is no cls token.
+        fc_norm: LayerNorm on the pooled feature; None: on (the official fine-tuning).
+        head_norm: BatchNorm without affine before the linear head (linear probing; ``head.0`` /
+            ``head.1``, the layout of the ViT classifier's probe).
         window_size: 0 for global attention everywhere; otherwise stage-3 blocks not listed in
             ``global_blocks`` attend within window_size x window_size windows (the grid is padded
             to a multiple), as ConvMAE does for detection at high resolution.
@@ -487,6 +493,9 @@ class ConvViT(ConvViTEncoder):
         mlp_ratio: float | Sequence[float] = 4.0,
         norm_eps: float = 1e-6,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        fc_norm: bool | None = None,
+        head_norm: bool = False,
         window_size: int = 0,
         global_blocks: Sequence[int] | None = None,
         shifted_windows: bool = False,
@@ -498,12 +507,20 @@ class ConvViT(ConvViTEncoder):
         )
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if global_pool != "avg":
+            raise ValueError(f"ConvViT has no cls token, so global_pool must be 'avg' (pass --pool avg), got {global_pool!r}")
         if window_size < 0:
             raise ValueError(f"window_size must be >= 0 (0 = global attention), got {window_size}")
         self.config = config
         self.num_classes = num_classes
-        self.fc_norm = nn.LayerNorm(self.embed_dim, eps=norm_eps)
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes else nn.Identity()
+        self.global_pool = global_pool
+        self.use_fc_norm = fc_norm is None or fc_norm
+        self.fc_norm = nn.LayerNorm(self.embed_dim, eps=norm_eps) if self.use_fc_norm else nn.Identity()
+        self.head = nn.Identity()
+        if num_classes:
+            linear = nn.Linear(self.embed_dim, num_classes)
+            bn = nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6)
+            self.head = nn.Sequential(bn, linear) if head_norm else linear
 
         # per stage-3 block: None for global attention, else the window shift
         depth3 = len(self.blocks3)
@@ -536,6 +553,15 @@ class ConvViT(ConvViTEncoder):
             else:
                 x = window_block(blk, x, self.grid_size, self.window_size, shift, getattr(self, f"window_mask_{shift}"))
         return x
+
+    def tunable_blocks(self) -> list[nn.Module]:
+        """The blocks partial fine-tuning (``--tune-blocks K``) counts from the end: stage 3's
+        transformer blocks (the conv stages stay frozen unless everything is tuned)."""
+        return list(self.blocks3)
+
+    def readout_modules(self) -> list[nn.Module]:
+        """What reads the blocks' output: the pooled-feature norm and the head (there is no final norm)."""
+        return [self.fc_norm, self.head]
 
     def forward_features(self, images: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, L, D3) stage-3 tokens, row-major, before any norm."""

@@ -132,6 +132,8 @@ class ViTEncoder(nn.Module):
         attn_impl: ``auto`` (explicit on CPU, SDPA on GPU), ``explicit`` or ``sdpa``.
     """
 
+    num_prefix_tokens = 1  # timm's name: the cls token leads every token sequence
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
