@@ -1,7 +1,8 @@
 """Pretraining throughput and peak memory: openmae vs its Table 1c variant vs Hugging Face ViTMAE.
 
 Each configuration runs in its own process so peak memory (max RSS on CPU, max allocated on GPU)
-is its own. A step is forward + backward + AdamW update on random images.
+is its own. A step is forward + backward + AdamW update on random images; openmae uses its engine's optimizer
+(fused AdamW with decay groups), transformers its users' default (torch AdamW, foreach kernels).
 
     python benchmarks/pretrain_speed.py --model mae_vit_base_patch16 --batch 8 --precision bf16
     python benchmarks/pretrain_speed.py --compare openmae mask_token_in_encoder hf hf_eager --steps 6
@@ -20,7 +21,11 @@ VARIANTS = ("openmae", "openmae_sdpa", "mask_token_in_encoder", "hf", "hf_eager"
 
 
 def build(variant: str, model_name: str, img_size: int):
+    """(model, images -> loss, optimizer), each implementation with its own optimizer setup."""
+    import torch
+
     import openmae
+    from openmae.optim import build_adamw, param_groups
 
     if variant.startswith("hf"):
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -45,14 +50,18 @@ def build(variant: str, model_name: str, img_size: int):
             attn_implementation="eager" if variant == "hf_eager" else "sdpa",
         )
         model = ViTMAEForPreTraining(cfg)
-        return model, lambda x: model(pixel_values=x).loss
+        # what a transformers user gets: torch's AdamW with its defaults (foreach kernels)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        return model, lambda x: model(pixel_values=x).loss, opt
     kw = {"img_size": img_size, "norm_pix_loss": True}
     if variant == "mask_token_in_encoder":
         kw["mask_token_in_encoder"] = True
     if variant == "openmae_sdpa":
         kw["attn_impl"] = "sdpa"
     model = openmae.create_model(model_name, **kw)
-    return model, lambda x: model(x, mask_ratio=0.75).loss
+    # openmae's engine: decay groups and fused AdamW (openmae.optim)
+    opt = build_adamw(param_groups(model, 0.05, model.no_weight_decay()), 1e-4, (0.9, 0.95))
+    return model, lambda x: model(x, mask_ratio=0.75).loss, opt
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -64,9 +73,9 @@ def worker(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, step_loss = build(args.variant, args.model, args.img_size)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+    with torch.device(device):
+        model, step_loss, opt = build(args.variant, args.model, args.img_size)
+    model.train()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)

