@@ -55,7 +55,7 @@ class EncoderConfig:
     kwargs: dict = opt({}, "other constructor overrides, e.g. {num_heads: 4} for a file that does not record it")
 
     def __post_init__(self) -> None:
-        if self.global_pool not in GLOBAL_POOLS:
+        if self.global_pool not in (*GLOBAL_POOLS, "auto"):
             raise ConfigError(f"model.global_pool must be avg or token, got {self.global_pool!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
@@ -72,8 +72,10 @@ class EncoderConfig:
 @dataclass
 class ProbeEncoderConfig(EncoderConfig):
     global_pool: str = opt(
-        "token", "token: the cls token after the final norm (the paper's linear probe); avg: mean of the patch tokens",
-        choices=GLOBAL_POOLS, alias="--pool",
+        "auto",
+        "token: the cls token after the final norm (the paper's linear probe); avg: mean of the patch tokens; "
+        "auto: token where the encoder has a cls token, else avg (ConvMAE)",
+        choices=(*GLOBAL_POOLS, "auto"), alias="--pool",
     )
     drop_path_rate: float = opt(0.0, "stochastic depth (the encoder is frozen: leave at 0)", alias="--drop-path")
 

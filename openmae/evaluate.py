@@ -269,9 +269,12 @@ def build_classifier(
     from openmae.registry import create_model
 
     name, encoder = _architecture(model_cfg, weights)
+    pool = model_cfg.global_pool
+    if pool == "auto":  # the paper's cls-token probe where there is a cls token
+        pool = "avg" if name.startswith("convvit_") else "token"
     layout = {
         "num_classes": num_classes,
-        "global_pool": model_cfg.global_pool,
+        "global_pool": pool,
         "fc_norm": fc_norm,
         "head_norm": head_norm,
         "drop_path_rate": model_cfg.drop_path_rate,
