@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # one module per command under openmae/commands/
@@ -32,11 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from openmae.config import ConfigError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
+        # user-facing errors (ConfigError, unsafe pickles, shape mismatches, missing decoder, ...)
+        # say what to change; OPENMAE_DEBUG=1 shows the traceback
+        if os.environ.get("OPENMAE_DEBUG"):
+            raise
         print(f"openmae {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import yaml
 
@@ -48,14 +47,6 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except ValueError as e:  # unsafe pickle, shape mismatch, unsupported architecture
-        print(f"openmae {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from openmae.interop import export_pretrained, load, load_weights_into
     from openmae.registry import create_model
 

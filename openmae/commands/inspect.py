@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,14 +21,6 @@ def _yes_no(value: bool | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except ValueError as e:  # unsafe pickle, shape mismatch, unsupported architecture
-        print(f"openmae {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from openmae.interop import inspect_checkpoint
 
     info = inspect_checkpoint(args.path)

@@ -39,7 +39,7 @@ from timm.layers import ConvMlp, DropPath, LayerNorm2d
 from torch import Tensor
 
 from openmae.masking import MASK_TYPES
-from openmae.models.mae import MaskedAutoencoder
+from openmae.models.mae import MaskedAutoencoder, add_decoder
 from openmae.models.vit import Attention, Block, init_weights, model_config
 from openmae.patches import sincos_2d, to_2tuple
 from openmae.registry import register_model
@@ -300,18 +300,10 @@ class ConvMAE(ConvViTEncoder):
         self.stage2_output_decode = nn.Conv2d(d2, d3, kernel_size=s3, stride=s3)
         self.norm = nn.LayerNorm(d3, eps=norm_eps)
 
-        self.decoder_embed = nn.Linear(d3, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(
-            sincos_2d(decoder_embed_dim, self.grid_size).unsqueeze(0), requires_grad=False
-        )  # (1, L, Dd): no cls row
-        decoder_mlp_ratio = 4.0  # MAE's
-        self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, norm_eps=norm_eps, attn_impl=attn_impl)
-            for _ in range(decoder_depth)
+        # MAE's decoder (MLP ratio 4); no cls token, so no cls row in its position table
+        add_decoder(
+            self, d3, decoder_embed_dim, decoder_depth, decoder_num_heads, 4.0, norm_eps, attn_impl, cls_token=False
         )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, PATCH_SIZE * PATCH_SIZE * in_chans)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

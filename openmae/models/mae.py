@@ -19,6 +19,38 @@ from openmae.patches import patchify, sincos_2d, unpatchify
 from openmae.registry import register_model
 
 
+def add_decoder(
+    model: nn.Module,
+    encoder_dim: int,
+    decoder_embed_dim: int,
+    decoder_depth: int,
+    decoder_num_heads: int,
+    mlp_ratio: float,
+    norm_eps: float,
+    attn_impl: str,
+    cls_token: bool,
+    mask_token: bool = True,
+) -> None:
+    """Give ``model`` MAE's light decoder under the official names (``decoder_embed``, ``mask_token``,
+    ``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``).
+
+    Reads ``model.grid_size``, ``model.patch_size`` and ``model.in_chans``; ``cls_token`` adds the
+    zero position row that a cls token takes (MAE has one, ConvMAE none).
+    """
+    model.decoder_embed = nn.Linear(encoder_dim, decoder_embed_dim)
+    if mask_token:
+        model.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+    model.decoder_pos_embed = nn.Parameter(
+        sincos_2d(decoder_embed_dim, model.grid_size, cls_token=cls_token).unsqueeze(0), requires_grad=False
+    )
+    model.decoder_blocks = nn.ModuleList(
+        Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_eps=norm_eps, attn_impl=attn_impl)
+        for _ in range(decoder_depth)
+    )
+    model.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
+    model.decoder_pred = nn.Linear(decoder_embed_dim, model.patch_size * model.patch_size * model.in_chans)
+
+
 @dataclass
 class MAEOutput:
     loss: Tensor  # () fp32
@@ -66,20 +98,12 @@ class MaskedAutoencoder(ViTEncoder):
         self.norm_pix_loss = norm_pix_loss
         self.mask_token_in_encoder = mask_token_in_encoder
         self.mask_type = mask_type
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         if mask_token_in_encoder:  # the decoder then gets all L tokens and needs no mask token
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        else:
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(
-            sincos_2d(decoder_embed_dim, self.grid_size, cls_token=True).unsqueeze(0), requires_grad=False
+        add_decoder(
+            self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_eps, attn_impl,
+            cls_token=True, mask_token=not mask_token_in_encoder,
         )
-        self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_eps=norm_eps, attn_impl=attn_impl)
-            for _ in range(decoder_depth)
-        )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
