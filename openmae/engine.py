@@ -25,7 +25,7 @@ import yaml
 from torch import Tensor
 
 from openmae import checkpoint as ckpt
-from openmae.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from openmae.config import ConfigError, OptimConfig, TrainConfig
 from openmae.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, resolve_device, wrap_ddp
 from openmae.optim import build_adamw, cosine_lr, set_lr
 from openmae.precision import Precision, resolve_precision

@@ -26,7 +26,6 @@ TINY = dict(
 
 def tiny_overrides(name: str) -> dict:
     """Overrides that shrink a registered model while keeping its family and patch size."""
-    from openmae.registry import model_factory
 
     kw = dict(TINY)
     if "patch14" in name:

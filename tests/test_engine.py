@@ -14,7 +14,7 @@ from PIL import Image
 from openmae.checkpoint import latest_checkpoint, load_training_state, read_safetensors
 from openmae.cli import main
 from openmae.commands.pretrain import run_pretrain
-from openmae.config import ConfigError, DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from openmae.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from openmae.optim import cosine_lr, param_groups
 
 TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
