@@ -101,12 +101,21 @@ class EvalSettings:
 
 @dataclass
 class FinetuneData(DataConfig):
-    crop_scale: list = opt([0.25, 1.0], "RandomResizedCrop area range (paper: [0.08, 1.0])")
+    augment: str = opt(
+        "none", "rrc: the fine-tuning recipe, built by timm (RandomResizedCrop(crop_scale) + flip + RandAugment + "
+        "random erasing; the paper's); none: no augmentation (the short CPU default)", choices=("rrc", "none"),
+    )
+    crop_scale: list = opt([0.08, 1.0], "RandomResizedCrop area range (paper: [0.08, 1.0])")
+
+    def __post_init__(self) -> None:
+        if self.augment not in ("rrc", "none"):
+            raise ConfigError(f"data.augment for fine-tuning must be rrc (the recipe) or none, got {self.augment!r}")
+        super().__post_init__()
 
 
 @dataclass
 class FinetuneOptim(OptimConfig):
-    base_lr: float = opt(1e-3, "lr = base_lr * effective batch / 256 (paper: 5e-4 B, 1e-3 L/H)", alias="--blr")
+    base_lr: float = opt(4e-3, "lr = base_lr * effective batch / 256 (paper: 5e-4 B, 1e-3 L/H)", alias="--blr")
     min_lr: float = opt(1e-6, "floor of the cosine schedule")
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, 1-D params, tokens)")
     betas: list = opt([0.9, 0.999], "AdamW betas")

@@ -65,7 +65,7 @@ def mae_file(tmp_path_factory) -> Path:
 def finetune_cfg(out: Path, checkpoint, **finetune) -> FinetuneConfig:
     return FinetuneConfig(
         model=EncoderConfig(checkpoint=str(checkpoint) if checkpoint else None, drop_path_rate=0.1),
-        data=FinetuneData(**DIGITS),
+        data=FinetuneData(**DIGITS, augment="rrc"),  # the recipe: RandAugment, random erasing
         optim=FinetuneOptim(base_lr=1e-2, warmup_epochs=0.25),
         train=FinetuneTrain(output_dir=str(out), **FAST),
         finetune=FinetuneSettings(**finetune),
@@ -419,5 +419,6 @@ def test_protocol_recipes_parse():
         if name == "finetune_vit_base_in1k":
             assert (cfg.finetune.layer_decay, cfg.model.drop_path_rate, cfg.optim.base_lr) == (0.65, 0.1, 5e-4)
             assert cfg.finetune.mixup == 0.8 and cfg.finetune.cutmix == 1.0 and cfg.optim.betas == [0.9, 0.999]
+            assert cfg.data.augment == "rrc" and cfg.finetune.auto_augment == "rand-m9-mstd0.5-inc1"
         if name == "linprobe_vit_base_in1k":
             assert cfg.linprobe.optimizer == "lars" and cfg.optim.base_lr == 0.1 and cfg.model.global_pool == "token"

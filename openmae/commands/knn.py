@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 from openmae.config import add_config_args, config_from_args, to_dict
@@ -59,6 +60,7 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
     )
     from openmae.precision import resolve_precision
 
+    start = time.perf_counter()
     device = resolve_device(cfg.run.device)
     dist = init_distributed(device)
     precision = resolve_precision(cfg.run.precision, device)
@@ -84,6 +86,7 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
         "model": model.arch,
         "pool": cfg.model.global_pool,
         "dataset": cfg.data.path or cfg.data.name,
+        "seconds": round(time.perf_counter() - start, 1),
     }
     if dist.is_main:
         config = to_dict(cfg)
