@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import openmae
+from openmae.checkpoint import read_safetensors
 from openmae.cli import main
 from openmae.evaluate import freeze_for_tuning, pooled_features
 from openmae.models.classifier import classifier_name
@@ -104,10 +105,12 @@ def test_embed_and_reconstruct(pretrained, tmp_path):
     for i, image in enumerate(load_digits().images[:4]):
         Image.fromarray((image * 255 / 16).astype(np.uint8)).resize((32, 32)).save(folder / f"{i}.png")
     ckpt = str(pretrained / "model.safetensors")
-    rc = main(["embed", str(folder), "--checkpoint", ckpt, "--pool", "avg", "--out", str(tmp_path / "f.npy")])
+    # the default --pool auto averages: ConvMAE has no cls token
+    rc = main(["embed", str(folder), "--checkpoint", ckpt, "--out", str(tmp_path / "f.safetensors")])
     assert rc == 0
-    features = np.load(tmp_path / "f.npy")
-    assert features.shape == (4, 32) and np.isfinite(features).all()
+    tensors, meta = read_safetensors(tmp_path / "f.safetensors")
+    assert tensors["features"].shape == (4, 32) and torch.isfinite(tensors["features"]).all()
+    assert json.loads(meta["openmae"])["pool"] == "avg"
     figure = tmp_path / "recon.png"
     rc = main(["reconstruct", str(folder), "--checkpoint", ckpt, "--out", str(figure), "--mask-ratio", "0.5", "0.75"])
     assert rc == 0

@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output file: .safetensors or .npy")
     p.add_argument("--checkpoint", help="the encoder: anything openmae.load_pretrained reads")
     p.add_argument("--model", help="architecture for a random-initialisation baseline (no --checkpoint)")
-    p.add_argument("--pool", choices=("token", "avg"), default="token", help="cls token or mean patch token")
+    p.add_argument("--pool", choices=("auto", "token", "avg"), default="auto",
+                   help="token: the cls token; avg: the mean patch token; auto (default): token where the encoder "
+                   "has a cls token, else avg (ConvMAE)")
     p.add_argument("--img-size", type=int, help="input resolution (default: the checkpoint's)")
     p.add_argument("--crop-pct", type=float, default=1.0, help="resize to img_size / crop_pct, then center-crop")
     p.add_argument("--mean", type=float, nargs="+", help="normalisation mean (default: the checkpoint's run, "
@@ -86,7 +88,7 @@ def embed_folder(
     *,
     checkpoint: str | None = None,
     model_name: str | None = None,
-    pool: str = "token",
+    pool: str = "auto",
     img_size: int | None = None,
     crop_pct: float = 1.0,
     mean: list[float] | None = None,
@@ -141,7 +143,7 @@ def embed_folder(
     failed = [p for p, good in zip(dataset.paths, ok.tolist()) if not good]
     features = features[ok].contiguous()
     info = {
-        "checkpoint": checkpoint, "model": model.arch, "pool": pool, "img_size": size, "crop_pct": crop_pct,
+        "checkpoint": checkpoint, "model": model.arch, "pool": model.global_pool, "img_size": size, "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "precision": precision, "failed": failed,
     }
     if dist.is_main:
