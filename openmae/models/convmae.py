@@ -39,7 +39,7 @@ from timm.layers import ConvMlp, DropPath, LayerNorm2d
 from torch import Tensor
 
 from openmae.masking import MASK_TYPES
-from openmae.models.mae import MaskedAutoencoder, add_decoder
+from openmae.models.mae import MAEObjective, add_decoder
 from openmae.models.vit import Attention, Block, init_weights, model_config
 from openmae.patches import sincos_2d, to_2tuple
 from openmae.registry import register_model
@@ -251,7 +251,7 @@ class ConvViTEncoder(nn.Module):
 # -- the masked autoencoder ------------------------------------------------------------------------
 
 
-class ConvMAE(ConvViTEncoder):
+class ConvMAE(MAEObjective, ConvViTEncoder):
     """ConvMAE with MaskedAutoencoder's interface (``forward_encoder`` / ``forward_decoder`` /
     ``forward_loss`` / ``forward`` -> MAEOutput), so training, figures and evaluation use it unchanged.
 
@@ -310,15 +310,6 @@ class ConvMAE(ConvViTEncoder):
         self.apply(init_weights)
         self.init_encoder_weights()
         nn.init.normal_(self.mask_token, std=0.02)
-
-    # MAE's steps that do not depend on the encoder: shared with MaskedAutoencoder, not copied.
-    # They read only patch_size, grid_size, in_chans, num_patches, mask_type and norm_pix_loss.
-    patchify = MaskedAutoencoder.patchify
-    unpatchify = MaskedAutoencoder.unpatchify
-    make_masking = MaskedAutoencoder.make_masking
-    target = MaskedAutoencoder.target
-    forward_loss = MaskedAutoencoder.forward_loss
-    forward = MaskedAutoencoder.forward
 
     def fusion(self, e1: Tensor, e2: Tensor) -> Tensor:
         """Stage-1 and stage-2 maps on the stage-3 grid, summed: (N, L, D3)."""

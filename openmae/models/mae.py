@@ -59,7 +59,85 @@ class MAEOutput:
     ids_restore: Tensor  # (N, L)
 
 
-class MaskedAutoencoder(ViTEncoder):
+class MAEObjective:
+    """MAE's steps that do not depend on the encoder, shared by :class:`MaskedAutoencoder` and ConvMAE.
+
+    The host defines ``forward_encoder(images, mask_ratio, noise, mask) -> (latent, mask,
+    ids_restore)`` and ``forward_decoder(latent, ids_restore) -> pred``, and the attributes
+    ``patch_size``, ``grid_size``, ``in_chans``, ``num_patches``, ``mask_type`` and ``norm_pix_loss``.
+    """
+
+    patch_size: int
+    grid_size: tuple[int, int]
+    in_chans: int
+    num_patches: int
+    mask_type: str
+    norm_pix_loss: bool
+
+    def patchify(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C)."""
+        return patchify(images, self.patch_size)
+
+    def unpatchify(self, patches: Tensor) -> Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W)."""
+        return unpatchify(patches, self.patch_size, self.grid_size, self.in_chans)
+
+    def make_masking(
+        self,
+        batch: int,
+        mask_ratio: float,
+        noise: Tensor | None = None,
+        mask: Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> Masking:
+        """Which patches to remove: an explicit ``mask`` wins, then ``noise``, then the sampler."""
+        length = self.num_patches
+        if mask is not None:
+            if tuple(mask.shape) != (batch, length):
+                raise ValueError(f"mask must have shape ({batch}, {length}), got {tuple(mask.shape)}")
+            return masking_from_mask(mask.to(device))
+        if noise is not None:
+            if tuple(noise.shape) != (batch, length):
+                raise ValueError(f"noise must have shape ({batch}, {length}), got {tuple(noise.shape)}")
+            return masking_from_noise(noise.to(device), num_kept(length, mask_ratio))
+        if self.mask_type == "random":
+            noise = torch.rand(batch, length, device=device)
+            return masking_from_noise(noise, num_kept(length, mask_ratio))
+        return masking_from_mask(sample_mask(self.mask_type, batch, self.grid_size, mask_ratio).to(device))
+
+    def target(self, images: Tensor) -> Tensor:
+        """The regression target: (N, L, p*p*C) patches, per-patch normalised with ``norm_pix_loss``."""
+        target = self.patchify(images.float())
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def forward_loss(self, images: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """Mean over removed patches of the per-patch MSE, in fp32.
+
+        images: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 1 = removed.
+        """
+        loss = (pred.float() - self.target(images)) ** 2
+        loss = loss.mean(dim=-1)  # (N, L) per-patch
+        mask = mask.float()
+        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def forward(
+        self,
+        images: Tensor,
+        mask_ratio: float = 0.75,
+        noise: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> MAEOutput:
+        latent, mask, ids_restore = self.forward_encoder(images, mask_ratio, noise, mask)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(images, pred, mask)
+        return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore)
+
+
+class MaskedAutoencoder(MAEObjective, ViTEncoder):
     """MAE with a ViT encoder. Parameter names follow the official layout.
 
     Args (beyond :class:`ViTEncoder`):
@@ -112,38 +190,7 @@ class MaskedAutoencoder(ViTEncoder):
         token = self.encoder_mask_token if self.mask_token_in_encoder else self.mask_token
         nn.init.normal_(token, std=0.02)
 
-    # -- the method's steps -------------------------------------------------------------------
-
-    def patchify(self, images: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, L, p*p*C)."""
-        return patchify(images, self.patch_size)
-
-    def unpatchify(self, patches: Tensor) -> Tensor:
-        """(N, L, p*p*C) -> (N, C, H, W)."""
-        return unpatchify(patches, self.patch_size, self.grid_size, self.in_chans)
-
-    def make_masking(
-        self,
-        batch: int,
-        mask_ratio: float,
-        noise: Tensor | None = None,
-        mask: Tensor | None = None,
-        device: torch.device | None = None,
-    ) -> Masking:
-        """Which patches to remove: an explicit ``mask`` wins, then ``noise``, then the sampler."""
-        length = self.num_patches
-        if mask is not None:
-            if tuple(mask.shape) != (batch, length):
-                raise ValueError(f"mask must have shape ({batch}, {length}), got {tuple(mask.shape)}")
-            return masking_from_mask(mask.to(device))
-        if noise is not None:
-            if tuple(noise.shape) != (batch, length):
-                raise ValueError(f"noise must have shape ({batch}, {length}), got {tuple(noise.shape)}")
-            return masking_from_noise(noise.to(device), num_kept(length, mask_ratio))
-        if self.mask_type == "random":
-            noise = torch.rand(batch, length, device=device)
-            return masking_from_noise(noise, num_kept(length, mask_ratio))
-        return masking_from_mask(sample_mask(self.mask_type, batch, self.grid_size, mask_ratio).to(device))
+    # -- the steps that depend on the encoder ---------------------------------------------------
 
     def forward_encoder(
         self,
@@ -191,37 +238,6 @@ class MaskedAutoencoder(ViTEncoder):
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:, :]  # drop cls
-
-    def target(self, images: Tensor) -> Tensor:
-        """The regression target: (N, L, p*p*C) patches, per-patch normalised with ``norm_pix_loss``."""
-        target = self.patchify(images.float())
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return target
-
-    def forward_loss(self, images: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        """Mean over removed patches of the per-patch MSE, in fp32.
-
-        images: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 1 = removed.
-        """
-        loss = (pred.float() - self.target(images)) ** 2
-        loss = loss.mean(dim=-1)  # (N, L) per-patch
-        mask = mask.float()
-        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
-
-    def forward(
-        self,
-        images: Tensor,
-        mask_ratio: float = 0.75,
-        noise: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> MAEOutput:
-        latent, mask, ids_restore = self.forward_encoder(images, mask_ratio, noise, mask)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(images, pred, mask)
-        return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token", "encoder_mask_token", "decoder_pos_embed"}
