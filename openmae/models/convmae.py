@@ -40,7 +40,7 @@ from torch import Tensor
 
 from openmae.masking import MASK_TYPES
 from openmae.models.mae import MAEObjective, add_decoder
-from openmae.models.vit import Attention, Block, init_weights, model_config
+from openmae.models.vit import Attention, Block, check_image_shape, init_weights, model_config
 from openmae.patches import sincos_2d, to_2tuple
 from openmae.registry import register_model
 
@@ -209,15 +209,6 @@ class ConvViTEncoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed3.proj.bias)
 
-    def check_images(self, images: Tensor) -> None:
-        n, c, h, w = images.shape
-        if c != self.in_chans or (h, w) != self.img_size:
-            raise ValueError(
-                f"expected images of shape (N, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
-                f"got {tuple(images.shape)}; resize the input or build the model with "
-                f"img_size=({h}, {w}), in_chans={c}"
-            )
-
     def forward_conv_stages(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Stages 1-2 and the stage-3 embedding, on every position.
 
@@ -229,7 +220,7 @@ class ConvViTEncoder(nn.Module):
             embedding (N, L, D3), row-major. With a mask, positions inside removed patches hold
             values that must be dropped; visible positions depend on visible pixels only.
         """
-        self.check_images(images)
+        check_image_shape(images, self.in_chans, self.img_size)
         vis1 = vis2 = None
         if mask is not None:
             vis1 = visible_map(mask, self.grid_size, STAGE_STRIDES[1] * STAGE_STRIDES[2])

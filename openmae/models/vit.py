@@ -20,6 +20,17 @@ from openmae.patches import sincos_2d, to_2tuple
 ATTN_IMPLS = ("auto", "explicit", "sdpa")
 
 
+def check_image_shape(images: Tensor, in_chans: int, img_size: tuple[int, int]) -> None:
+    """Refuse images a model was not built for, saying how to fix it."""
+    n, c, h, w = images.shape
+    if c != in_chans or (h, w) != img_size:
+        raise ValueError(
+            f"expected images of shape (N, {in_chans}, {img_size[0]}, {img_size[1]}), "
+            f"got {tuple(images.shape)}; resize the input or build the model with "
+            f"img_size=({h}, {w}), in_chans={c}"
+        )
+
+
 class PatchEmbed(nn.Module):
     """p x p stride-p conv: (N, C, H, W) -> (N, L, D) in row-major token order."""
 
@@ -33,13 +44,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        if c != self.in_chans or (h, w) != self.img_size:
-            raise ValueError(
-                f"expected images of shape (N, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
-                f"got {tuple(x.shape)}; resize the input or build the model with "
-                f"img_size=({h}, {w}), in_chans={c}"
-            )
+        check_image_shape(x, self.in_chans, self.img_size)
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, L, D)
 
 
