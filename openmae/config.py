@@ -27,6 +27,7 @@ from openmae.masking import MASK_TYPES
 
 AUGMENTATIONS = ("rrc", "crop", "none", "rrc_jitter")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+GLOBAL_POOLS = ("avg", "token")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -41,6 +42,19 @@ class ConfigError(ValueError):
     """A setting is invalid; the message says what to change."""
 
 
+def check_choices(section: Any, name: str) -> None:
+    """Refuse any field of the dataclass ``section`` whose value is not among its declared ``choices``.
+
+    argparse checks the flags; this covers YAML recipes and Python construction. ``name`` is the
+    section's name in messages (``data`` gives ``data.augment must be one of ...``).
+    """
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{name}.{f.name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     name: str = opt("mae_vit_micro_patch4", "registered model name (openmae models lists them)", alias="--model")
@@ -52,8 +66,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}; 0.75 is the paper's default")
-        if self.mask_type not in MASK_TYPES:
-            raise ConfigError(f"model.mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
+        check_choices(self, "model")
         from openmae.registry import model_factory
 
         try:
@@ -94,8 +107,7 @@ class DataConfig:
                 raise ConfigError(f"data path {self.path} does not exist or is not a directory")
         if self.img_size < 1:
             raise ConfigError(f"data.img_size must be positive, got {self.img_size}")
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        check_choices(self, "data")  # augment, as this class or a protocol's subclass declares it
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
         if self.channels not in (None, 1, 3):
@@ -163,8 +175,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "save_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_choices(self, "train")
         if self.resume in ("none", "None", "", "no"):
             self.resume = None
 

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from openmae.config import ConfigError, DataConfig, OptimConfig, TrainConfig, opt
-
-GLOBAL_POOLS = ("avg", "token")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+from openmae.config import (
+    GLOBAL_POOLS,
+    PRECISIONS,
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    check_choices,
+    opt,
+)
 
 
 def parse_tune_blocks(value: str | int) -> str | int:
@@ -106,11 +112,6 @@ class FinetuneData(DataConfig):
         "random erasing; the paper's); none: no augmentation (the short CPU default)", choices=("rrc", "none"),
     )
     crop_scale: list = opt([0.08, 1.0], "RandomResizedCrop area range (paper: [0.08, 1.0])")
-
-    def __post_init__(self) -> None:
-        if self.augment not in ("rrc", "none"):
-            raise ConfigError(f"data.augment for fine-tuning must be rrc (the recipe) or none, got {self.augment!r}")
-        super().__post_init__()
 
 
 @dataclass
@@ -213,8 +214,7 @@ class LinprobeSettings:
     momentum: float = opt(0.9, "momentum of LARS / SGD")
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("lars", "sgd", "adamw"):
-            raise ConfigError(f"linprobe.optimizer must be lars, sgd or adamw, got {self.optimizer!r}")
+        check_choices(self, "linprobe")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"linprobe.momentum must be in [0, 1), got {self.momentum}")
 
@@ -259,8 +259,7 @@ class RunSettings:
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"run.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_choices(self, "run")
 
 
 @dataclass
