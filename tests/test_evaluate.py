@@ -372,6 +372,11 @@ def test_clear_errors(tmp_path, mae_file):
         run_finetune(cfg)
     with pytest.raises(ConfigError, match="tune_blocks"):
         FinetuneSettings(tune_blocks="half")
+    # a recipe's value outside a protocol's declared choices (the CLI's argparse never sees it)
+    with pytest.raises(ConfigError, match="data.augment must be one of rrc, none, got 'crop'"):
+        from_dict(FinetuneConfig, {"data": {"name": "digits", "augment": "crop"}})
+    with pytest.raises(ConfigError, match="linprobe.optimizer must be one of lars, sgd, adamw"):
+        from_dict(LinprobeConfig, {"linprobe": {"optimizer": "lamb"}})
 
     folder = tmp_path / "unlabelled"
     for split in ("train", "val"):
