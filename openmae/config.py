@@ -24,10 +24,10 @@ from typing import Any
 import yaml
 
 from openmae.masking import MASK_TYPES
+from openmae.models.classifier import GLOBAL_POOLS  # noqa: F401  (the protocols' settings read it here)
 
 AUGMENTATIONS = ("rrc", "crop", "none", "rrc_jitter")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-GLOBAL_POOLS = ("avg", "token")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 

@@ -10,10 +10,10 @@ import openmae
 from openmae.models.convmae import (
     ConvMAE,
     ConvViT,
-    load_official_convmae,
     visible_map,
     window_attention_mask,
 )
+from openmae.interop.convmae import load_official_convmae
 from openmae.models.mae import MAEOutput
 
 # shrunk widths: every case runs in well under a second on two cores

@@ -19,9 +19,10 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-from openmae.config import GLOBAL_POOLS
 from openmae.models.vit import ViTEncoder, init_weights, model_config
 from openmae.registry import register_model
+
+GLOBAL_POOLS = ("avg", "token")  # mean of the patch tokens, or the cls token
 
 # Constructor arguments of a pretraining model with no place in a classifier; the factories drop
 # them so that ``create_model("vit_base_patch16", **mae.config)`` builds the MAE's classifier.

@@ -17,7 +17,7 @@ fusion); MAE's decoder and loss follow.
 
 Parameter names follow the official Alpha-VL/ConvMAE layout (``patch_embed1..4``, ``blocks1..3``,
 ``stage1_output_decode``, ``stage2_output_decode``, ``norm``, ``decoder_*``), so released
-checkpoints load as they are (:func:`load_official_convmae`). Every grid size derives from the
+checkpoints load as they are (:func:`openmae.interop.convmae.load_official_convmae`). Every grid size derives from the
 configured image size (any multiple of 16).
 
 Also here: :class:`ConvViT`, the fine-tuning classifier and dense-prediction backbone with the same
@@ -27,9 +27,7 @@ encoder names (``forward_features`` / ``forward_head`` / ``forward_pyramid``, op
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -572,26 +570,6 @@ class ConvViT(ConvViTEncoder):
         embeddings, positions and both conv stages form layer 0, stage-3 block i is layer i + 1,
         ``fc_norm`` and ``head`` the top."""
         return {"stem": r"^pos_embed|^patch_embed|^blocks[12]\.", "blocks": [(r"^blocks3\.(\d+)", None)]}
-
-
-# -- official checkpoints ------------------------------------------------------------------------------
-
-
-def load_official_convmae(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The state dict of an official Alpha-VL/ConvMAE ``.pth`` file, ready for ``load_state_dict``.
-
-    Accepts ``{'model': state_dict, ...}`` (pretraining and fine-tuning checkpoints, including the
-    training ones that also hold ``optimizer``, ``epoch``, ``scaler`` and an argparse ``args``) or a
-    bare state dict. The official names are this module's names, so nothing is renamed. Loads with
-    ``weights_only=True``; the only extra type allowed is ``argparse.Namespace``, which the official
-    training script stores.
-    """
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds neither a state dict nor {{'model': state_dict}}")
-    return dict(state)
 
 
 # -- registered variants ---------------------------------------------------------------------------
