@@ -1,10 +1,15 @@
-"""openmae: self-supervised pretraining of vision models with masked autoencoders."""
+"""openmae: self-supervised pretraining of vision models with masked autoencoders.
 
-__version__ = "0.1.0"
+The public API: build models (``create_model``, ``list_models``, ``register_model``) and move
+weights in and out (``load_pretrained``, ``save_pretrained``, ``export_pretrained``,
+``inspect_checkpoint``). Training runs live in :mod:`openmae.commands` (``run_pretrain``, ...).
+"""
 
-from openmae.checkpoint import load_pretrained, save_pretrained  # noqa: E402
-from openmae.interop import export_pretrained, inspect_checkpoint  # noqa: E402
-from openmae.registry import create_model, list_models, register_model  # noqa: E402
+from openmae.interop import create_model, export_pretrained, inspect_checkpoint, load_pretrained, save_pretrained
+from openmae.io import openmae_version
+from openmae.models import list_models, register_model
+
+__version__ = openmae_version()
 
 __all__ = [
     "__version__",

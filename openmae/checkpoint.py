@@ -1,187 +1,34 @@
-"""Saving and loading, without unpickling anything.
+"""Training state: save, resume, list and prune the checkpoints of a run. Weights for use elsewhere
+(every format, openmae's own included) are read and written by :mod:`openmae.interop`.
 
-- Exported models: one safetensors file whose metadata holds the architecture and its constructor
-  config (``save_pretrained`` / ``load_pretrained``); a directory holds ``model.safetensors``.
-- Training checkpoints: one safetensors file holding the weights (``model/...``), the optimizer
-  tensors (``optim/...``), the RNG states (``rng/...``) and, as JSON metadata, everything else
-  (step, schedule position, param-group hyperparameters, scaler, resolved run config).
-Writes are atomic: a temp file in the same folder, fsync, then ``os.replace``.
+A training checkpoint is one safetensors file holding the weights (``model/...``), the optimizer
+tensors (``optim/...``), the RNG states (``rng/...``) and, as JSON metadata, the model record
+(``openmae``: arch and config, as exported files have) and everything else (``training``: step,
+schedule position, param-group hyperparameters, scaler, resolved run config). Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-FORMAT_KEY = "openmae"
-WEIGHTS_NAME = "model.safetensors"
+from openmae.io import FORMAT_KEY, model_record, read_safetensors, read_safetensors_metadata, unwrap, write_safetensors
+from openmae.registry import arch_of
+
+MODEL_PREFIX = "model/"
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs should be as readable as any other
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def model_meta(model: nn.Module) -> dict[str, Any]:
-    model = unwrap(model)
-    arch = getattr(model, "arch", None)
-    config = getattr(model, "config", None)
-    if arch is None or config is None:
-        raise ValueError("this model has no registered architecture; build it with openmae.create_model")
-    from openmae import __version__
-
-    return {"arch": arch, "config": config, "openmae_version": __version__}
-
-
-def _tensors(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
-    return {prefix + k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write weights (safetensors) with the model's architecture and config.
-
-    ``path`` ending in ``.safetensors`` is written as one file; any other path becomes a directory
-    holding ``model.safetensors`` and a readable ``config.json``. Returns the weights file.
-    """
-    path = Path(path)
-    meta = model_meta(model)
-    if path.suffix != ".safetensors":
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path / "config.json", json.dumps(meta, indent=2) + "\n")
-        path = path / WEIGHTS_NAME
-    tensors = _tensors(unwrap(model).state_dict())
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={FORMAT_KEY: json.dumps(meta)}))
-    return path
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
-
-
-def resolve_weights_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    if path.is_dir():
-        if (path / WEIGHTS_NAME).exists():
-            return path / WEIGHTS_NAME
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor a training checkpoint")
-        return latest
-    return path
-
-
-def _split_model_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    if any(k.startswith("model/") for k in tensors):  # a training checkpoint
-        return {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+def split_model_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's state dict: the ``model/`` tensors of a training checkpoint, else all of them."""
+    if any(k.startswith(MODEL_PREFIX) for k in tensors):
+        return {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     return tensors
-
-
-def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """Rebuild a model saved by :func:`save_pretrained` or a training checkpoint.
-
-    ``overrides`` change constructor arguments that do not touch the weights' shapes
-    (``norm_pix_loss``, ``mask_type``, ``attn_impl``, ...). Official MAE, Hugging Face ViTMAE
-    and timm checkpoints are recognised and loaded by :mod:`openmae.interop`.
-    """
-    from openmae.interop import is_openmae
-    from openmae.interop import load_pretrained as load_foreign
-
-    if not is_openmae(path):
-        return load_foreign(path, **overrides)
-    file = resolve_weights_file(path)
-    tensors, meta = read_safetensors(file)
-    if FORMAT_KEY not in meta:
-        raise ValueError(
-            f"{file} carries no openmae config; build the model yourself and use "
-            "openmae.create_model(name, pretrained=path, ...)"
-        )
-    info = json.loads(meta[FORMAT_KEY])
-    from openmae.registry import create_model
-
-    model = create_model(info["arch"], **{**info["config"], **overrides})
-    load_state(model, _split_model_state(tensors), source=str(file))
-    return model
-
-
-def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: bool = True) -> None:
-    """``load_state_dict`` with messages that name the offending parameters."""
-    own = model.state_dict()
-    bad = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if bad:
-        raise ValueError(f"shape mismatch loading {source}:\n  " + "\n  ".join(bad))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"{source} does not match the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
-        )
-
-
-def load_weights_into(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load weights into an already-built model (``create_model(pretrained=...)``); files in other
-    formats (official MAE, Hugging Face, timm) go through :mod:`openmae.interop`."""
-    from openmae.interop import is_openmae
-    from openmae.interop import load_weights_into as load_foreign
-
-    if not is_openmae(path):
-        load_foreign(model, path)
-        return
-    tensors, _ = read_safetensors(resolve_weights_file(path))
-    load_state(model, _split_model_state(tensors), source=str(path))
-
-
-# -- training checkpoints -------------------------------------------------------------------
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -216,31 +63,42 @@ def save_training_state(
     scaler: dict[str, Any] | None = None,
 ) -> None:
     """One atomic safetensors file with everything needed to resume."""
-    tensors = _tensors(unwrap(model).state_dict(), "model/")
+    model = unwrap(model)
+    tensors = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    tensors.update(_tensors(opt_tensors))
-    tensors.update(_tensors(rng or {}, "rng/"))
+    tensors.update(opt_tensors)
+    tensors.update({f"rng/{k}": v for k, v in (rng or {}).items()})
     meta = {
-        FORMAT_KEY: json.dumps(model_meta(model)),
+        FORMAT_KEY: json.dumps(model_record(arch_of(model), getattr(model, "config", None))),
         "training": json.dumps({**info, "optimizer": opt_meta, "scaler": scaler or {}}),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_safetensors(path, tensors, meta)
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint: ``model`` (state dict), ``optimizer``, ``rng``, ``scaler``, ``info``."""
+    """Read a training checkpoint: ``model`` (state dict), ``optimizer``, ``rng``, ``scaler``, ``info``, ``meta``."""
     tensors, meta = read_safetensors(path)
     if "training" not in meta:
         raise ValueError(f"{path} is not an openmae training checkpoint (no training state to resume)")
     info = json.loads(meta["training"])
     return {
-        "model": _split_model_state(tensors),
+        "model": split_model_state(tensors),
         "optimizer": _unflatten_optimizer(tensors, info.pop("optimizer")),
         "scaler": info.pop("scaler"),
         "rng": {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")},
         "info": info,
         "meta": json.loads(meta[FORMAT_KEY]),
     }
+
+
+def training_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The resolved run config a training checkpoint records, None for files without one."""
+    try:
+        meta = read_safetensors_metadata(path)
+        config = json.loads(meta["training"]).get("config")
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def checkpoint_name(step: int) -> str:
@@ -255,3 +113,9 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the ``keep`` newest training checkpoints of ``out_dir``."""
+    for old in list_checkpoints(out_dir)[:-keep]:
+        old.unlink(missing_ok=True)

@@ -13,13 +13,13 @@ COMMANDS = ["pretrain", "models", "recipes", "reconstruct", "convert", "inspect"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from openmae import __version__
+    from openmae.io import openmae_version
 
     parser = argparse.ArgumentParser(
         prog="openmae",
         description="Masked-autoencoder pretraining and evaluation for vision models.",
     )
-    parser.add_argument("--version", action="version", version=f"openmae {__version__}")
+    parser.add_argument("--version", action="version", version=f"openmae {openmae_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"openmae.commands.{name}").add_parser(sub)

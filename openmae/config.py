@@ -67,7 +67,7 @@ class ModelConfig:
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}; 0.75 is the paper's default")
         check_choices(self, "model")
-        from openmae.registry import model_factory
+        from openmae.models import model_factory
 
         try:
             model_factory(self.name)

@@ -1,4 +1,4 @@
-"""Datasets, transforms, samplers and loaders.
+"""Datasets, samplers and loaders (the transforms they apply are in openmae.transforms).
 
 Three sources behind one ``ImageDataset``: Fashion-MNIST (IDX files, held in memory as uint8),
 scikit-learn's 8x8 digits (in memory), and image folders (decoded with PIL on access).
@@ -33,9 +33,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
-from openmae.config import DataConfig
+from openmae.config import ConfigError, DataConfig
+from openmae.transforms import build_transform, eval_transform
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -58,9 +58,25 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 DIGITS_MEAN, DIGITS_STD = (0.3055,), (0.3759,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+# What a dataset was normalised with when the run recorded only its name (mean/std left null).
+DATASET_NORMALIZATION = {
+    "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+    "digits": (DIGITS_MEAN, DIGITS_STD),
+    "folder": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_SPLIT_SEED = 0  # fixed: the train/test split must not move with the run seed
 MIN_SEEN_FOR_BAD_CHECK = 20
+
+
+def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The data pipeline's defaults: Fashion-MNIST for 1 channel, ImageNet for 3."""
+    if channels == 1:
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise ValueError(f"no default normalisation for {channels}-channel images; pass mean and std")
 
 
 # -- per-sample seeding ------------------------------------------------------------------------
@@ -75,43 +91,6 @@ def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
     words = [seed & mask, epoch & mask, index & mask] + ([stream] if stream else [])
     words = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)
     return int(words[0]) >> 1
-
-
-# -- transforms --------------------------------------------------------------------------------
-
-
-def build_transform(
-    cfg: DataConfig, channels: int, mean: Sequence[float], std: Sequence[float], train: bool
-) -> v2.Compose:
-    """uint8 (C, H, W) tensor -> normalised float32 (C, img_size, img_size).
-
-    Args:
-        cfg: ``augment``, ``img_size`` and ``crop_scale`` are read from it.
-        channels: channel count of the input; saturation jitter needs 3.
-        mean, std: per-channel normalisation, ``channels`` values each.
-        train: the random ``cfg.augment`` recipe; False gives the deterministic eval transform
-            (resize the shorter side to img_size, then center crop), whatever ``cfg.augment`` says.
-    """
-    size = cfg.img_size
-    bicubic = v2.InterpolationMode.BICUBIC
-    kind = cfg.augment if train else "none"
-    if kind in ("rrc", "rrc_jitter"):  # MAE's pretraining recipe
-        steps: list[Callable] = [
-            v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), interpolation=bicubic, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-        if kind == "rrc_jitter":
-            steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4 if channels == 3 else 0.0))
-    elif kind == "crop":
-        steps = [
-            v2.Resize(round(size / 0.875), interpolation=bicubic, antialias=True),  # the 224/256 eval ratio
-            v2.RandomCrop(size),
-            v2.RandomHorizontalFlip(),
-        ]
-    else:
-        steps = [v2.Resize(size, interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
 
 
 # -- decoding ----------------------------------------------------------------------------------
@@ -319,6 +298,19 @@ def _digits(split: str, limit: int | None) -> _Source:
     return _Source(digits.target[keep].astype(np.int64), classes, DIGITS_MEAN, DIGITS_STD, images=images[keep])
 
 
+def image_files(path: str | os.PathLike) -> list[Path]:
+    """One image file, or :func:`find_images` of a folder; refuses a path that holds none."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such image or folder: {path}")
+    if path.is_file():
+        return [path]
+    found = find_images(path)
+    if not found:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+    return found
+
+
 def find_images(root: str | os.PathLike) -> list[Path]:
     """Image files under ``root`` (recursive, symlinks followed, hidden files and folders skipped).
 
@@ -431,6 +423,40 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = True, s
         classes=source.classes,
         seed=seed,
     )
+
+
+# -- labelled splits (the evaluation protocols) -------------------------------------------
+
+
+def require_labels(dataset: ImageDataset, split: str, protocol: str, data: DataConfig) -> None:
+    """Refuse unlabelled data for a supervised protocol, saying how to label a folder."""
+    if dataset.num_classes > 0 and not (dataset.labels < 0).any():
+        return
+    where = data.path or data.name
+    raise ConfigError(
+        f"{protocol} needs labelled images, but the {split} split of {where} has no labels. Put each class in "
+        "its own subfolder: ROOT/train/CLASS_NAME/*.jpg and ROOT/val/CLASS_NAME/*.jpg (then pass --data ROOT)"
+    )
+
+
+def labelled_splits(
+    data: DataConfig, seed: int, protocol: str, crop_pct: float = 1.0
+) -> tuple[ImageDataset, ImageDataset]:
+    """(train, held-out) datasets, both labelled; the held-out one with the evaluation transform.
+
+    The training split keeps openmae's ``data.augment`` transform (callers may replace it).
+    """
+    try:
+        train = build_dataset(data, split="train", augment=True, seed=seed)
+        test = build_dataset(data, split="test", augment=False, seed=seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    require_labels(train, "train", protocol, data)
+    require_labels(test, "held-out", protocol, data)
+    if test.num_classes != train.num_classes:
+        raise ConfigError(f"the train split has {train.num_classes} classes but the held-out split {test.num_classes}")
+    test.transform = eval_transform(data.img_size, test.mean, test.std, crop_pct)
+    return train, test
 
 
 # -- sampling and loading ----------------------------------------------------------------------

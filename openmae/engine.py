@@ -26,9 +26,14 @@ from torch import Tensor
 
 from openmae import checkpoint as ckpt
 from openmae.config import ConfigError, OptimConfig, TrainConfig
-from openmae.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, resolve_device, wrap_ddp
+from openmae.data import BadImageTracker, build_loader
+from openmae.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
+from openmae.interop import save_pretrained
+from openmae.interop.architecture import load_state
+from openmae.io import atomic_write_text
 from openmae.optim import build_adamw, cosine_lr, set_lr
-from openmae.precision import Precision, resolve_precision
+from openmae.precision import Precision
+from openmae.runtime import Runtime
 
 
 class Task(Protocol):
@@ -58,6 +63,10 @@ class RunContext:
     epoch: int = 0
     step: int = 0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def runtime(self) -> Runtime:
+        return Runtime(self.device, self.dist, self.precision)
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -123,9 +132,9 @@ def describe_environment(dist: DistInfo) -> dict[str, Any]:
 def write_run_files(out_dir: Path, config: dict[str, Any], dist: DistInfo) -> None:
     """What makes a run describe itself: the resolved config, the environment and the command."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     env = describe_environment(dist)
-    ckpt.atomic_write_text(out_dir / "environment.json", json.dumps(env, indent=2) + "\n")
+    atomic_write_text(out_dir / "environment.json", json.dumps(env, indent=2) + "\n")
     with open(out_dir / "command.txt", "a") as f:
         f.write(env["command"] + "\n")
 
@@ -142,15 +151,22 @@ class Trainer:
         config: the whole resolved config, written next to the outputs and into checkpoints.
     """
 
-    def __init__(self, task: Task, dataset, train: TrainConfig, optim: OptimConfig, config: dict[str, Any]):
+    def __init__(
+        self,
+        task: Task,
+        dataset,
+        train: TrainConfig,
+        optim: OptimConfig,
+        config: dict[str, Any],
+        runtime: Runtime | None = None,
+    ):
         self.task = task
         self.dataset = dataset
         self.cfg = train
         self.optim_cfg = optim
         self.config = config
-        self.device = resolve_device(train.device)
-        self.dist = init_distributed(self.device)
-        self.precision = resolve_precision(train.precision, self.device)
+        runtime = runtime or Runtime.create(train.device, train.precision)
+        self.device, self.dist, self.precision = runtime.device, runtime.dist, runtime.precision
         self.out_dir = Path(train.output_dir)
 
     # -- setup ------------------------------------------------------------------------------------
@@ -193,8 +209,6 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        from openmae.data import BadImageTracker, build_loader
-
         cfg, dist, device = self.cfg, self.dist, self.device
         seed_everything(cfg.seed)
         steps_per_epoch = self.steps_per_epoch()
@@ -214,7 +228,7 @@ class Trainer:
         step = 0
         if resume_path is not None:
             state = ckpt.load_training_state(resume_path)
-            ckpt.load_state(model, state["model"], source=str(resume_path))
+            load_state(model, state["model"], source=str(resume_path))
             optimizer.load_state_dict(state["optimizer"])
             if state["scaler"]:
                 scaler.load_state_dict(state["scaler"])
@@ -367,8 +381,8 @@ class Trainer:
         if end_hook is not None:
             summary.update(end_hook(ctx) or {})
         if dist.is_main:
-            ckpt.save_pretrained(model, self.out_dir / "model.safetensors")
-            ckpt.atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            save_pretrained(model, self.out_dir / "model.safetensors")
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if writer is not None:
                 writer.close()
             bad = summary["bad_images"]
@@ -399,8 +413,7 @@ class Trainer:
             info = {"step": step, "epoch": epoch + 1, "config": self.config}
             path = self.out_dir / ckpt.checkpoint_name(step)
             ckpt.save_training_state(path, model, optimizer, info, rng_state(device), scaler.state_dict())
-            for old in ckpt.list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
-                old.unlink(missing_ok=True)
+            ckpt.prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
         barrier(self.dist)
 
 

@@ -69,7 +69,7 @@ class EncoderConfig:
             from openmae.models.classifier import classifier_name
 
             if classifier_name(self.name) is None:
-                from openmae.registry import list_models
+                from openmae.models import list_models
 
                 names = ", ".join(n for n in list_models("vit_") if n.startswith("vit_"))
                 raise ConfigError(f"model.name {self.name!r} has no ViT classifier; choose one of {names}")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from openmae.checkpoint import latest_checkpoint, load_training_state, read_safetensors
+from openmae.checkpoint import latest_checkpoint, load_training_state
+from openmae.io import read_safetensors
 from openmae.cli import main
 from openmae.commands.pretrain import run_pretrain
 from openmae.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig

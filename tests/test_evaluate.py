@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import openmae
-from openmae.checkpoint import read_safetensors
+from openmae.io import read_safetensors
 from openmae.cli import main
 from openmae.commands.embed import embed_folder
 from openmae.commands.finetune import run_finetune
@@ -39,7 +39,9 @@ from openmae.eval_config import (
     ProbeEncoderConfig,
     RunSettings,
 )
-from openmae.evaluate import FinetuneTask, KNNMonitor, LinearProbeTask, knn_classify, topk_correct
+from openmae.hooks import KNNMonitor
+from openmae.inference import knn_classify, topk_correct
+from openmae.tasks import FinetuneTask, LinearProbeTask
 
 ENCODER = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 MAE = dict(ENCODER, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -282,8 +284,8 @@ def test_knn_monitor_during_pretraining(tmp_path):
     from openmae.config import OptimConfig, TrainConfig
     from openmae.data import build_dataset
     from openmae.engine import Trainer
-    from openmae.evaluate import eval_transform
     from openmae.tasks import PretrainTask
+    from openmae.transforms import eval_transform
 
     data = DataConfig(**DIGITS)
     train = build_dataset(data, "train", augment=True)
@@ -324,8 +326,8 @@ def test_embed_is_deterministic_and_lists_paths(tmp_path, mae_file):
     # the features are the encoder's: the MAE's cls token after its final norm
     mae = openmae.load_pretrained(mae_file).eval()
     from openmae.data import load_image
-    from openmae.evaluate import eval_transform
-    from openmae.visualize import default_normalization
+    from openmae.data import default_normalization
+    from openmae.transforms import eval_transform
 
     x = eval_transform(16, *default_normalization(1))(load_image(paths[0], 1)).unsqueeze(0)
     assert torch.allclose(mae.encode(x)[0, 0], tensors["features"][0], atol=1e-5)
@@ -336,14 +338,14 @@ def test_embed_is_deterministic_and_lists_paths(tmp_path, mae_file):
 
 @pytest.mark.parametrize("fmt", ["official", "timm", "hf"])
 def test_foreign_checkpoints_load_into_the_classifier(tmp_path, mae_file, fmt):
-    from openmae.evaluate import build_classifier, read_encoder
+    from openmae.interop.classifier import ClassifierLayout, build_classifier, read_encoder
 
     mae = openmae.load_pretrained(mae_file)
     name = {"official": "w.pth", "timm": "w.safetensors", "hf": "hf_dir"}[fmt]
     path = openmae.export_pretrained(mae, tmp_path / name, format=fmt)
     path = tmp_path / name
     cfg = ProbeEncoderConfig(checkpoint=str(path), kwargs={"num_heads": 2})
-    model = build_classifier(cfg, read_encoder(str(path)), num_classes=3, img_size=16, in_chans=1, verbose=False)
+    model = build_classifier(cfg, read_encoder(str(path)), ClassifierLayout(num_classes=3), img_size=16, in_chans=1)
     x = torch.randn(2, 1, 16, 16)
     assert torch.allclose(model.eval().forward_head(model.forward_features(x), pre_logits=True), mae.encode(x)[:, 0], atol=1e-6)
 

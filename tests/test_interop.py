@@ -141,7 +141,8 @@ def test_round_trip(tmp_path, src, dst):
 
 
 def test_openmae_own_files_still_load(tmp_path):
-    from openmae.checkpoint import save_pretrained, save_training_state
+    from openmae.checkpoint import save_training_state
+    from openmae.interop import save_pretrained
 
     model = make_mae()
     save_pretrained(model, tmp_path / "m.safetensors")

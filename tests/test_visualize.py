@@ -12,34 +12,25 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import openmae
-from openmae.checkpoint import model_meta, read_safetensors
+from openmae.io import model_record, read_safetensors
 from openmae.models.mae import MaskedAutoencoder
 from openmae.models.vit import ViTEncoder
-from openmae.visualize import (
-    DIGITS_MEAN,
-    DIGITS_STD,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from openmae.data import DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
+from openmae.reconstruction import (
     MASK_FILL,
     DecoderMissingError,
     Reconstruction,
     checkpoint_normalization,
     denormalize,
-    figure_size,
-    load_image,
     load_reconstruction_model,
-    log_reconstructions,
     normalize,
     patch_normalize,
-    plot_loss_curve,
-    read_metrics,
+    read_image,
     reconstruct,
     require_decoder,
-    save_figure,
     unnormalize_patches,
 )
+from openmae.visualize import figure_size, log_reconstructions, plot_loss_curve, read_metrics, save_figure
 from tests.conftest import tiny_overrides
 
 SMALL_DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -414,7 +405,7 @@ def test_normalisation_from_checkpoint_metadata(tmp_path):
     assert checkpoint_normalization(plain) is None
 
     def with_training_meta(name: str, data: dict):
-        meta = {"openmae": json.dumps(model_meta(m)), "training": json.dumps({"step": 5, "config": {"data": data}})}
+        meta = {"openmae": json.dumps(model_record(m.arch, m.config)), "training": json.dumps({"step": 5, "config": {"data": data}})}
         path = tmp_path / name
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path), metadata=meta)
         return path
@@ -430,13 +421,13 @@ def test_load_image_resizes_shorter_side_and_centre_crops(tmp_path):
     array = np.zeros((20, 40, 3), dtype=np.uint8)  # H 20, W 40
     array[:, 10:30] = 255  # the middle half is white
     Image.fromarray(array).save(tmp_path / "wide.png")
-    rgb = load_image(tmp_path / "wide.png", 3, 32)
+    rgb = read_image(tmp_path / "wide.png", 3, 32)
     assert rgb.shape == (3, 32, 32) and rgb.dtype == torch.float32
     assert float(rgb[:, :, 2:30].min()) > 0.95  # the crop keeps the middle, scaled 1.6x
-    gray = load_image(tmp_path / "wide.png", 1, (28, 14))
+    gray = read_image(tmp_path / "wide.png", 1, (28, 14))
     assert gray.shape == (1, 28, 14)
     with pytest.raises(ValueError, match="1 or 3 channels"):
-        load_image(tmp_path / "wide.png", 2, 32)
+        read_image(tmp_path / "wide.png", 2, 32)
 
 
 def test_cli_end_to_end_on_a_photo(tmp_path, capsys):

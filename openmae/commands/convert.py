@@ -47,8 +47,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openmae.interop import export_pretrained, load, load_weights_into
-    from openmae.registry import create_model
+    from openmae.interop import create_model, export_pretrained, load, load_weights_into
 
     overrides = parse_overrides(args.set)
     if args.model:

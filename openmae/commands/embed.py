@@ -64,20 +64,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _normalization(checkpoint: str | None, channels: int) -> tuple[list[float], list[float]]:
     """The checkpoint's training normalisation (its metadata, or its run's config.yaml), else defaults."""
-    from openmae.visualize import checkpoint_normalization, default_normalization
+    from openmae.data import default_normalization
+    from openmae.reconstruction import checkpoint_normalization
 
     if checkpoint is not None:
         found = checkpoint_normalization(checkpoint)
         if found is not None:
             return found
-        path = Path(checkpoint)
-        run_config = (path if path.is_dir() else path.parent) / "config.yaml"
-        if run_config.is_file():
-            import yaml
-
-            data = (yaml.safe_load(run_config.read_text()) or {}).get("data") or {}
-            if data.get("mean") and data.get("std"):
-                return list(data["mean"]), list(data["std"])
     mean, std = default_normalization(channels)
     return list(mean), list(std)
 
@@ -104,13 +97,15 @@ def embed_folder(
     Returns ``{"path", "count", "dim", "failed"}``; files that cannot be decoded are left out
     and listed in ``failed``.
     """
-    from openmae.checkpoint import atomic_write
     from openmae.config import ConfigError
     from openmae.data import ImageDataset, find_images
-    from openmae.distributed import barrier, init_distributed, resolve_device
+    from openmae.distributed import barrier
     from openmae.eval_config import ProbeEncoderConfig
-    from openmae.evaluate import build_feature_model, encoder_config, eval_transform, extract_features, read_encoder
-    from openmae.precision import resolve_precision
+    from openmae.inference import extract_features
+    from openmae.interop.classifier import build_feature_model, encoder_config, read_encoder
+    from openmae.io import atomic_write
+    from openmae.runtime import Runtime
+    from openmae.transforms import eval_transform
 
     out = Path(out)
     if out.suffix not in OUTPUT_SUFFIXES:
@@ -131,13 +126,11 @@ def embed_folder(
     transform = eval_transform(size, mean, std, crop_pct)
     dataset = ImageDataset([-1] * len(files), transform, channels, mean, std, paths=[str(f) for f in files])
 
-    dev = resolve_device(device)
-    dist = init_distributed(dev)
+    runtime = Runtime.create(device, precision)
     torch.manual_seed(0)  # a random-initialisation baseline is the same every time
-    model = build_feature_model(model_cfg, weights, img_size=size, in_chans=channels, verbose=False).to(dev)
+    model = build_feature_model(model_cfg, weights, img_size=size, in_chans=channels).to(runtime.device)
     features, ok = extract_features(
-        model, dataset, pool=pool, batch_size=batch_size, device=dev, precision=resolve_precision(precision, dev),
-        dist=dist, num_workers=num_workers, progress=progress,
+        model, dataset, runtime, pool=pool, batch_size=batch_size, num_workers=num_workers, progress=progress
     )
     paths = [p for p, good in zip(dataset.paths, ok.tolist()) if good]
     failed = [p for p, good in zip(dataset.paths, ok.tolist()) if not good]
@@ -146,7 +139,7 @@ def embed_folder(
         "checkpoint": checkpoint, "model": model.arch, "pool": model.global_pool, "img_size": size, "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "precision": precision, "failed": failed,
     }
-    if dist.is_main:
+    if runtime.is_main:
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -163,5 +156,5 @@ def embed_folder(
             atomic_write(out.with_suffix(".paths.txt"), lambda tmp: Path(tmp).write_text(listing))
         for p in failed[:20]:
             print(f"embed: could not decode {p}", file=sys.stderr)
-    barrier(dist)
+    barrier(runtime.dist)
     return {"path": str(out), "count": len(paths), "dim": int(features.shape[1]), "failed": failed}

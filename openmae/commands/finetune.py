@@ -7,9 +7,7 @@ import os
 import sys
 from typing import Any
 
-import torch
-
-from openmae.config import add_config_args, config_from_args, to_dict
+from openmae.config import add_config_args, config_from_args
 from openmae.eval_config import FinetuneConfig
 
 EXAMPLES = """examples:
@@ -51,29 +49,6 @@ def run(args: argparse.Namespace) -> int:
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or with ``cfg.eval.only`` evaluate) as configured; returns the metrics written
     to ``metrics.json``: held-out top-1 / top-5 (%), loss, images, and the run's description."""
-    from openmae.evaluate import (
-        FinetuneTask,
-        HeldOutEvaluation,
-        build_classifier,
-        evaluate_checkpoint,
-        finetune_transform,
-        labelled_splits,
-        read_encoder,
-        train_protocol,
-    )
+    from openmae.protocols import run_protocol
 
-    if cfg.eval.only:
-        return evaluate_checkpoint("finetune", cfg, head_norm=False)
-    weights = read_encoder(cfg.model.checkpoint)
-    train, test = labelled_splits(cfg.data, cfg.train.seed, "finetune", cfg.eval.crop_pct)
-    train.transform = finetune_transform(cfg.data, cfg.finetune, train.mean, train.std)
-    torch.manual_seed(cfg.train.seed)
-    model = build_classifier(
-        cfg.model, weights, num_classes=train.num_classes, img_size=cfg.data.img_size, in_chans=train.channels,
-        verbose=int(os.environ.get("RANK", "0")) == 0,
-    )
-    evaluation = HeldOutEvaluation(test, cfg.eval, cfg.train.epochs, cfg.data.num_workers)
-    task = FinetuneTask(model, cfg.finetune, cfg.train.seed, evaluation)
-    config = to_dict(cfg)
-    config["data"]["mean"], config["data"]["std"] = list(train.mean), list(train.std)
-    return train_protocol("finetune", task, train, cfg, config)
+    return run_protocol("finetune", cfg)

@@ -48,34 +48,29 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
     """kNN top-1 / top-5 (%) on the held-out split; also written to ``metrics.json``."""
     from pathlib import Path
 
-    from openmae.distributed import barrier, init_distributed, resolve_device
+    from openmae.data import labelled_splits
+    from openmae.distributed import barrier
     from openmae.engine import seed_everything, write_run_files
-    from openmae.evaluate import (
-        build_feature_model,
-        eval_transform,
-        knn_accuracy,
-        labelled_splits,
-        read_encoder,
-        write_metrics,
-    )
-    from openmae.precision import resolve_precision
+    from openmae.inference import knn_accuracy
+    from openmae.interop.classifier import build_feature_model, read_encoder
+    from openmae.protocols import write_metrics
+    from openmae.runtime import Runtime
+    from openmae.transforms import eval_transform
 
     start = time.perf_counter()
-    device = resolve_device(cfg.run.device)
-    dist = init_distributed(device)
-    precision = resolve_precision(cfg.run.precision, device)
+    runtime = Runtime.create(cfg.run.device, cfg.run.precision)
     weights = read_encoder(cfg.model.checkpoint)
     train, test = labelled_splits(cfg.data, cfg.run.seed, "knn", cfg.knn.crop_pct)
     # the memory bank is encoded like the queries, without augmentation
     train.transform = eval_transform(cfg.data.img_size, train.mean, train.std, cfg.knn.crop_pct)
     seed_everything(cfg.run.seed)
-    model = build_feature_model(
-        cfg.model, weights, img_size=cfg.data.img_size, in_chans=train.channels, verbose=dist.is_main
-    ).to(device)
+    model = build_feature_model(cfg.model, weights, img_size=cfg.data.img_size, in_chans=train.channels)
+    if model.load_report is not None and runtime.is_main:
+        print(model.load_report.summary(), file=sys.stderr)
+    model = model.to(runtime.device)
     result = knn_accuracy(
-        model, train, test, k=cfg.knn.k, temperature=cfg.knn.temperature, pool=cfg.model.global_pool,
-        batch_size=cfg.knn.batch_size, device=device, precision=precision, dist=dist,
-        num_workers=cfg.data.num_workers, progress=cfg.run.progress,
+        model, train, test, runtime, k=cfg.knn.k, temperature=cfg.knn.temperature, pool=cfg.model.global_pool,
+        batch_size=cfg.knn.batch_size, num_workers=cfg.data.num_workers, progress=cfg.run.progress,
     )
     metrics = {
         "protocol": "knn",
@@ -84,14 +79,14 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
         "temperature": cfg.knn.temperature,
         "checkpoint": cfg.model.checkpoint,
         "model": model.arch,
-        "pool": cfg.model.global_pool,
+        "pool": model.global_pool,  # what "auto" resolved to
         "dataset": cfg.data.path or cfg.data.name,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    if dist.is_main:
+    if runtime.is_main:
         config = to_dict(cfg)
         config["data"]["mean"], config["data"]["std"] = list(train.mean), list(train.std)
-        write_run_files(Path(cfg.run.output_dir), config, dist)
+        write_run_files(Path(cfg.run.output_dir), config, runtime.dist)
         write_metrics(cfg.run.output_dir, metrics)
-    barrier(dist)
+    barrier(runtime.dist)
     return metrics

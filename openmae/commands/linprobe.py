@@ -7,9 +7,7 @@ import os
 import sys
 from typing import Any
 
-import torch
-
-from openmae.config import ConfigError, add_config_args, config_from_args, to_dict
+from openmae.config import ConfigError, add_config_args, config_from_args
 from openmae.eval_config import LinprobeConfig
 
 EXAMPLES = """examples:
@@ -50,29 +48,8 @@ def run(args: argparse.Namespace) -> int:
 def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
     """Linear-probe (or with ``cfg.eval.only`` evaluate) as configured; returns the metrics
     written to ``metrics.json``."""
-    from openmae.evaluate import (
-        HeldOutEvaluation,
-        LinearProbeTask,
-        build_classifier,
-        evaluate_checkpoint,
-        labelled_splits,
-        read_encoder,
-        train_protocol,
-    )
+    from openmae.protocols import run_protocol
 
     if cfg.model.drop_path_rate:
         raise ConfigError("linear probing keeps the encoder frozen: drop --model.drop_path_rate")
-    if cfg.eval.only:
-        return evaluate_checkpoint("linprobe", cfg, head_norm=True)
-    weights = read_encoder(cfg.model.checkpoint)
-    train, test = labelled_splits(cfg.data, cfg.train.seed, "linprobe", cfg.eval.crop_pct)
-    torch.manual_seed(cfg.train.seed)
-    model = build_classifier(
-        cfg.model, weights, num_classes=train.num_classes, img_size=cfg.data.img_size, in_chans=train.channels,
-        head_norm=True, verbose=int(os.environ.get("RANK", "0")) == 0,
-    )
-    evaluation = HeldOutEvaluation(test, cfg.eval, cfg.train.epochs, cfg.data.num_workers)
-    task = LinearProbeTask(model, cfg.linprobe, evaluation)
-    config = to_dict(cfg)
-    config["data"]["mean"], config["data"]["std"] = list(train.mean), list(train.std)
-    return train_protocol("linprobe", task, train, cfg, config)
+    return run_protocol("linprobe", cfg)

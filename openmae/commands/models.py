@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openmae.registry import list_models, model_factory
+    from openmae.models import list_models, model_factory
 
     for name in list_models(args.pattern):
         print(f"{name:28s} {model_factory(name).__doc__ or ''}")

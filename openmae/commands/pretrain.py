@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_pretrain_model(cfg: PretrainConfig, channels: int) -> torch.nn.Module:
-    from openmae.registry import create_model
+    from openmae.models import create_model
 
     kwargs: dict[str, Any] = {
         "img_size": cfg.data.img_size,
@@ -64,42 +64,11 @@ def build_pretrain_model(cfg: PretrainConfig, channels: int) -> torch.nn.Module:
         raise ConfigError(f"cannot build {cfg.model.name}: {e}") from None
 
 
-class ReconstructionHook:
-    """Every ``train.recon_every`` epochs, reconstruct the same held-out images (PNG + TensorBoard)."""
-
-    def __init__(self, cfg: PretrainConfig, train_set) -> None:
-        from openmae.data import build_dataset
-
-        try:  # the held-out split where there is one, else un-augmented training images
-            held = build_dataset(cfg.data, split="test", augment=False, seed=cfg.train.seed)
-        except (ValueError, FileNotFoundError):
-            held = build_dataset(cfg.data, split="train", augment=False, seed=cfg.train.seed)
-        images = []
-        for i in range(len(held)):
-            image = held[i][0]
-            if image is not None:
-                images.append(image)
-            if len(images) == cfg.train.recon_images:
-                break
-        self.images = torch.stack(images)
-        self.mean, self.std = train_set.mean, train_set.std
-        self.every = cfg.train.recon_every
-        self.seed = cfg.train.seed
-
-    def __call__(self, task, ctx) -> None:
-        from openmae.visualize import log_reconstructions
-
-        epoch = ctx.epoch + 1
-        if ctx.dist.is_main and epoch % self.every == 0:
-            log_reconstructions(task.model, self.images.to(ctx.device), ctx.writer, ctx.out_dir, epoch,
-                                self.mean, self.std, mask_ratios=task.mask_ratio, mask_type=task.mask_type,
-                                seed=self.seed)
-
-
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain as configured; returns the run summary (also written to ``summary.json``)."""
     from openmae.data import build_dataset
     from openmae.engine import Trainer
+    from openmae.hooks import ReconstructionHook
     from openmae.tasks import PretrainTask
 
     dataset = build_dataset(cfg.data, split="train", augment=True, seed=cfg.train.seed)

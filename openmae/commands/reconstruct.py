@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from openmae.masking import MASK_TYPES
-    from openmae.visualize import UNNORMALIZE_MODES
+    from openmae.reconstruction import UNNORMALIZE_MODES
 
     p = sub.add_parser(
         "reconstruct",
@@ -54,18 +54,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from openmae.visualize import (
+    from openmae.data import default_normalization, image_files
+    from openmae.reconstruction import (
         DecoderMissingError,
         checkpoint_normalization,
-        default_normalization,
-        figure_size,
-        list_images,
-        load_image,
         load_reconstruction_model,
         normalize,
+        read_image,
         reconstruct,
-        save_figure,
     )
+    from openmae.visualize import figure_size, save_figure
 
     if args.max_images < 1:
         print("openmae reconstruct: error: --max-images must be at least 1", file=sys.stderr)
@@ -95,14 +93,14 @@ def run(args: argparse.Namespace) -> int:
         (mean, std), source = default_normalization(model.in_chans), "the default for this channel count"
 
     out = Path(args.out).resolve()
-    paths = [p for p in list_images(args.images) if p.resolve() != out]  # a rerun into the same folder
+    paths = [p for p in image_files(args.images) if p.resolve() != out]  # a rerun into the same folder
     if not paths:
         print(f"openmae reconstruct: error: no input images in {args.images}", file=sys.stderr)
         return 2
     if len(paths) > args.max_images:
         print(f"using the first {args.max_images} of {len(paths)} images (--max-images)")
         paths = paths[: args.max_images]
-    pixels = torch.stack([load_image(p, model.in_chans, model.img_size) for p in paths])  # (N, C, H, W)
+    pixels = torch.stack([read_image(p, model.in_chans, model.img_size) for p in paths])  # (N, C, H, W)
     try:
         rec = reconstruct(
             model,

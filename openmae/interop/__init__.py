@@ -1,17 +1,17 @@
-"""Weights in and out: openmae, official MAE, Hugging Face ViTMAE and timm checkpoints.
+"""Weights in and out: openmae, official MAE / ConvMAE, Hugging Face ViTMAE and timm checkpoints.
 
-``load_pretrained(path)`` recognises the format (:func:`detect_format`), reads the tensors into
-openmae's names, builds the matching registered model (architecture from the file's config, else
-from tensor shapes) and returns it with ``model.load_report`` (:class:`LoadReport`: what was
-loaded, what is missing, notes). ``openmae.load_pretrained`` and ``create_model(name,
-pretrained=path)`` dispatch here for every format but openmae's own.
-``export_pretrained(model, path, format)`` writes any of the four formats;
-``inspect_checkpoint(path)`` describes a file without building a model.
+The one place that reads weights. ``load(path)`` recognises the format
+(:func:`~openmae.interop.detect.detect_format`), reads the tensors into openmae's names
+(:func:`read_weights`, one reader per format), builds the matching registered model (architecture
+from the file's record, else from tensor shapes: :mod:`~openmae.interop.architecture`) and loads
+it with a :class:`LoadReport` in ``model.load_report``. ``create_model(name, pretrained=path)``
+builds the named model and loads any format into it. ``export_pretrained(model, path, format)``
+writes any of the four formats; ``inspect_checkpoint(path)`` describes a file without building a
+model; :mod:`~openmae.interop.classifier` builds the evaluation protocols' classifiers from any of them.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import warnings
@@ -20,26 +20,26 @@ from typing import Any
 
 import torch.nn as nn
 
-from openmae.interop.detect import (
+from openmae.interop import hf, native, official, timm
+from openmae.interop.architecture import infer_architecture, load_into
+from openmae.interop.detect import detect_file, detect_format, is_openmae
+from openmae.interop.weights import (
     DECODER_PREFIXES,
     FIXED,
     FORMATS,
     LoadReport,
     UnsafeCheckpointError,
     Weights,
-    detect_format,
-    infer_architecture,
-    is_openmae,
-    load_into,
-    read_weights,
     safe_torch_load,
 )
+from openmae.models import create_model as build_model
 
 __all__ = [
     "FORMATS",
     "LoadReport",
     "UnsafeCheckpointError",
     "Weights",
+    "create_model",
     "decoder_was_loaded",
     "detect_format",
     "export_pretrained",
@@ -50,22 +50,28 @@ __all__ = [
     "load_weights_into",
     "read_weights",
     "safe_torch_load",
+    "save_pretrained",
 ]
 
 logger = logging.getLogger("openmae.interop")
+save_pretrained = native.write
 
 
-def _with_mask_ratio(arch: str, cfg: dict[str, Any], weights: Weights, overrides: dict[str, Any]) -> None:
-    """Pass a recorded mask ratio to models that take one; otherwise say how to use it."""
-    ratio = weights.mask_ratio
-    if ratio is None or "mask_ratio" in overrides:
-        return
-    from openmae.models.mae import MaskedAutoencoder
+def read_weights(path: str | os.PathLike) -> Weights:
+    """Read any supported checkpoint into openmae names (see :func:`detect_format`)."""
+    path = Path(path)
+    fmt, obj = detect_file(path)
+    if fmt == "hf":
+        return hf.read(path, obj)
+    if fmt == "timm":
+        return timm.read(path, obj)
+    if fmt == "official":
+        return official.read(path, obj)
+    return native.read(path)
 
-    if "mask_ratio" in inspect.signature(MaskedAutoencoder.__init__).parameters:
-        cfg["mask_ratio"] = ratio
-    elif ratio != 0.75:
-        weights.notes.append(f"the file records mask_ratio {ratio}: pass mask_ratio={ratio} to the model's forward")
+
+def _log(report: LoadReport) -> None:
+    (logger.warning if report.missing else logger.info)("%s", report.summary())
 
 
 def load(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, LoadReport]:
@@ -78,36 +84,52 @@ def load(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, LoadRepo
     Returns:
         (model, report); the report is also ``model.load_report``.
     """
-    from openmae.registry import create_model
-
     weights = read_weights(path)
     arch, cfg, notes = infer_architecture(weights, overrides)
     weights.notes.extend(notes)
-    _with_mask_ratio(arch, cfg, weights, overrides)
-    model = create_model(arch, **cfg)
-    report = load_into(model, weights, arch)
+    if weights.mask_ratio is not None and weights.mask_ratio != 0.75 and "mask_ratio" not in overrides:
+        ratio = weights.mask_ratio
+        weights.notes.append(f"the file records mask_ratio {ratio}: pass mask_ratio={ratio} to the model's forward")
+    model = build_model(arch, **cfg)
+    report = load_into(model, weights, arch, strict=weights.format == "openmae")
     model.load_report = report
-    if report.missing:
-        logger.warning("%s", report.summary())
-    else:
-        logger.info("%s", report.summary())
+    _log(report)
     return model, report
 
 
 def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """:func:`load` without the tuple: the model, with its report in ``model.load_report``."""
+    """:func:`load` without the tuple: the model, with its report in ``model.load_report``.
+
+    ``overrides`` change constructor arguments; for openmae's own files only those that do not
+    touch the weights' shapes (``norm_pix_loss``, ``mask_type``, ``attn_impl``, ...).
+    """
     return load(path, **overrides)[0]
 
 
 def load_weights_into(model: nn.Module, path: str | os.PathLike) -> LoadReport:
-    """Load any supported checkpoint into an already-built model (``create_model(name, pretrained=path)``).
+    """Load any supported checkpoint into an already-built model.
 
     Shape mismatches are refused with the parameter's name; the report lands in ``model.load_report``.
     """
-    report = load_into(model, read_weights(path))
+    weights = read_weights(path)
+    report = load_into(model, weights, strict=weights.format == "openmae")
     model.load_report = report
-    (logger.warning if report.missing else logger.info)("%s", report.summary())
+    _log(report)
     return report
+
+
+def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered model, with constructor overrides (``img_size=32, in_chans=1, ...``).
+
+    Args:
+        name: a name from :func:`openmae.list_models`.
+        pretrained: optional path to weights (any format :func:`load` reads) to load into the built model.
+        overrides: constructor arguments that replace the variant's defaults.
+    """
+    model = build_model(name, **overrides)
+    if pretrained is not None:
+        load_weights_into(model, pretrained)
+    return model
 
 
 def decoder_was_loaded(model: nn.Module) -> bool:
@@ -139,9 +161,6 @@ def export_pretrained(
     Returns:
         The weights file written.
     """
-    from openmae.checkpoint import save_pretrained
-    from openmae.interop import hf, official, timm
-
     writers = {
         "openmae": save_pretrained,
         "official": official.write,

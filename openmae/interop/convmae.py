@@ -12,7 +12,7 @@ import os
 
 from torch import Tensor
 
-from openmae.interop.detect import safe_torch_load
+from openmae.interop.weights import safe_torch_load
 
 
 def load_official_convmae(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from openmae.interop.detect import DECODER_PREFIXES, Weights, describe, find_weights_file, read_state_file
+from openmae.interop.weights import DECODER_PREFIXES, Weights, describe, find_weights_file, read_state_file
+from openmae.io import atomic_write, atomic_write_text, unwrap
 
 # transformers' ViTMAEConfig defaults, for fields a config.json leaves out
 HF_DEFAULTS: dict[str, Any] = dict(
@@ -278,8 +279,6 @@ def write(
     weights file.
     """
     from safetensors.torch import save_file
-
-    from openmae.checkpoint import atomic_write, atomic_write_text, unwrap
 
     model = unwrap(model)
     cfg = dict(getattr(model, "config", None) or {})

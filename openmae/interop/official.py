@@ -23,15 +23,17 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from openmae.interop.detect import (
+from openmae.interop.architecture import mae_variants
+from openmae.interop.weights import (
     DECODER_PREFIXES,
     Weights,
     describe,
-    read_safetensors,
     safe_torch_load,
     split_classifier,
     strip_prefix,
 )
+from openmae.io import atomic_write, model_record, read_safetensors, unwrap
+from openmae.registry import arch_of
 
 
 def registered_name(name: str | None) -> str | None:
@@ -39,8 +41,6 @@ def registered_name(name: str | None) -> str | None:
     -> openmae's registered MAE name, if there is one."""
     if not name:
         return None
-    from openmae.interop.detect import mae_variants
-
     names = set(mae_variants())
     for candidate in (name, name.replace("_dec512d8b", ""), "mae_" + name):
         if candidate in names:
@@ -100,15 +100,13 @@ def read(path: str | Path, obj: Any = None) -> Weights:
 def write(model: nn.Module, path: str | Path, encoder_only: bool = False) -> Path:
     """``{'model': state_dict, 'openmae': meta}`` with ``torch.save``, atomically; ``encoder_only``
     leaves the decoder out, like the released ``mae_pretrain_vit_*.pth`` files."""
-    from openmae.checkpoint import atomic_write, model_meta, unwrap
-
     model = unwrap(model)
     state = {
         k: v.detach().cpu().contiguous()
         for k, v in model.state_dict().items()
         if not (encoder_only and k.startswith(DECODER_PREFIXES))
     }
-    obj = {"model": state, "openmae": model_meta(model)}
+    obj = {"model": state, "openmae": model_record(arch_of(model), getattr(model, "config", None))}
     path = Path(path)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return path

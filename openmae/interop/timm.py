@@ -22,7 +22,8 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-from openmae.interop.detect import (
+from openmae.interop.architecture import VIT_SIZES
+from openmae.interop.weights import (
     CLASSIFIER_PREFIXES,
     Weights,
     describe,
@@ -32,10 +33,10 @@ from openmae.interop.detect import (
     split_classifier,
     strip_prefix,
 )
+from openmae.io import atomic_write, atomic_write_text, unwrap
 from openmae.patches import to_2tuple
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
 TIMM_NORM_EPS = 1e-6
 
 
@@ -43,7 +44,7 @@ def timm_name(cfg: dict[str, Any]) -> str:
     """The closest timm architecture name (the exact shape comes from ``model_args``)."""
     import timm
 
-    size = _SIZES.get(cfg["embed_dim"], "base")
+    size = VIT_SIZES.get(cfg["embed_dim"], ("base",))[0]
     p, side = cfg["patch_size"], to_2tuple(cfg["img_size"])[0]
     for name in (f"vit_{size}_patch{p}_{side}", f"vit_{size}_patch{p}_224", f"vit_{size}_patch16_224"):
         if timm.list_models(name):
@@ -109,8 +110,6 @@ def read(path: str | Path, obj: Any = None) -> Weights:
 def write(model: nn.Module, path: str | Path) -> Path:
     """The encoder (and a classifier's ``fc_norm`` / ``head``) in timm's layout. Returns the weights file."""
     from safetensors.torch import save_file
-
-    from openmae.checkpoint import atomic_write, atomic_write_text, unwrap
 
     model = unwrap(model)
     cfg = dict(getattr(model, "config", None) or {})

@@ -1,0 +1,77 @@
+"""openmae's own files: one safetensors file (or a folder holding ``model.safetensors``) whose
+metadata records the architecture and its constructor config, so the model rebuilds exactly.
+
+Read: an exported model, a training checkpoint (its ``model/`` tensors), or a run folder (its
+``model.safetensors``, else its newest training checkpoint). Write: :func:`write` (what
+``openmae.save_pretrained`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+from openmae.checkpoint import latest_checkpoint, split_model_state
+from openmae.interop.weights import Weights
+from openmae.io import (
+    FORMAT_KEY,
+    WEIGHTS_NAME,
+    atomic_write_text,
+    model_record,
+    read_model_record,
+    read_safetensors,
+    unwrap,
+    write_safetensors,
+)
+from openmae.registry import arch_of
+
+
+def resolve_weights_file(path: str | os.PathLike) -> Path:
+    """The file to read: ``path`` itself, or a folder's ``model.safetensors``, else its newest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    if not path.is_dir():
+        return path
+    if (path / WEIGHTS_NAME).exists():
+        return path / WEIGHTS_NAME
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor a training checkpoint")
+    return latest
+
+
+def read(path: str | os.PathLike) -> Weights:
+    file = resolve_weights_file(path)
+    tensors, meta = read_safetensors(file)
+    record = read_model_record(meta)
+    if record is None:
+        raise ValueError(
+            f"{file} carries no openmae config; build the model yourself and use "
+            "openmae.create_model(name, pretrained=path, ...)"
+        )
+    kind = "training checkpoint" if "training" in meta else "exported model"
+    return Weights(
+        str(path), "openmae", kind, split_model_state(tensors), arch=record["arch"], config=dict(record["config"]),
+        complete=True,
+    )
+
+
+def write(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write weights (safetensors) with the model's architecture and config.
+
+    ``path`` ending in ``.safetensors`` is written as one file; any other path becomes a directory
+    holding ``model.safetensors`` and a readable ``config.json``. Returns the weights file.
+    """
+    model = unwrap(model)
+    record = model_record(arch_of(model), getattr(model, "config", None))
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / "config.json", json.dumps(record, indent=2) + "\n")
+        path = path / WEIGHTS_NAME
+    write_safetensors(path, model.state_dict(), {FORMAT_KEY: json.dumps(record)})
+    return path

@@ -1,0 +1,110 @@
+"""The classification protocols as runs: fine-tuning and linear probing share everything but their
+task and readout (labelled splits, the classifier from a checkpoint, the engine, metrics.json, and
+``--eval-only`` for a saved classifier)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openmae.config import ConfigError, to_dict
+from openmae.data import labelled_splits
+from openmae.distributed import barrier
+from openmae.engine import Trainer, write_run_files
+from openmae.eval_config import FinetuneConfig, LinprobeConfig
+from openmae.hooks import HeldOutEvaluation
+from openmae.inference import evaluate
+from openmae.interop.classifier import ClassifierLayout, build_classifier, check_resumable, read_encoder
+from openmae.io import atomic_write_text
+from openmae.runtime import Runtime
+from openmae.tasks import FinetuneTask, LinearProbeTask
+from openmae.transforms import finetune_transform
+
+# The linear probe reads the encoder through BatchNorm (no affine) + linear; fine-tuning through a linear head.
+HEAD_NORM = {"finetune": False, "linprobe": True}
+
+
+def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    """``metrics.json`` in the output folder (atomic)."""
+    path = Path(out_dir) / "metrics.json"
+    atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+    return {"model": model.arch, "pool": model.global_pool, "fc_norm": model.use_fc_norm, "num_classes": model.num_classes}
+
+
+def run_protocol(protocol: str, cfg: FinetuneConfig | LinprobeConfig) -> dict[str, Any]:
+    """Train (or with ``cfg.eval.only`` evaluate) a classifier with ``protocol`` (finetune / linprobe);
+    returns the metrics written to ``metrics.json``: held-out top-1 / top-5 (%), loss, images, and
+    the run's description."""
+    runtime = Runtime.create(cfg.train.device, cfg.train.precision)
+    if cfg.eval.only:
+        return evaluate_checkpoint(protocol, cfg, runtime)
+    weights = read_encoder(cfg.model.checkpoint)
+    train, test = labelled_splits(cfg.data, cfg.train.seed, protocol, cfg.eval.crop_pct)
+    if protocol == "finetune":
+        train.transform = finetune_transform(cfg.data, cfg.finetune, train.mean, train.std)
+    torch.manual_seed(cfg.train.seed)
+    layout = ClassifierLayout(num_classes=train.num_classes, head_norm=HEAD_NORM[protocol])
+    model = build_classifier(cfg.model, weights, layout, img_size=cfg.data.img_size, in_chans=train.channels)
+    if model.load_report is not None and runtime.is_main:
+        print(model.load_report.summary(), file=sys.stderr)
+    evaluation = HeldOutEvaluation(test, cfg.eval, cfg.train.epochs, cfg.data.num_workers)
+    if protocol == "finetune":
+        task = FinetuneTask(model, cfg.finetune, cfg.train.seed, evaluation)
+    else:
+        task = LinearProbeTask(model, cfg.linprobe, evaluation)
+    config = to_dict(cfg)
+    config["data"]["mean"], config["data"]["std"] = list(train.mean), list(train.std)
+    trainer = Trainer(task, train, cfg.train, cfg.optim, config, runtime)
+    check_resumable(trainer.find_resume(), task.model)
+    summary = trainer.fit()
+    metrics = {
+        "protocol": protocol,
+        **summary["test"],
+        "checkpoint": cfg.model.checkpoint,
+        **describe_model(task.model),
+        "dataset": cfg.data.path or cfg.data.name,
+        "trainable_parameters": sum(p.numel() for p in task.model.parameters() if p.requires_grad),
+        "epochs": cfg.train.epochs,
+        "steps": summary["steps"],
+        "final_loss": summary["final_loss"],
+        "seconds": summary["seconds"],
+        "eval_only": False,
+    }
+    if runtime.is_main:
+        write_metrics(cfg.train.output_dir, metrics)
+    return metrics
+
+
+def evaluate_checkpoint(protocol: str, cfg: FinetuneConfig | LinprobeConfig, runtime: Runtime) -> dict[str, Any]:
+    """``--eval-only``: held-out top-1/top-5 of a saved classifier, written to metrics.json."""
+    if cfg.model.checkpoint is None:
+        raise ConfigError("--eval-only needs --checkpoint: a classifier saved by this protocol")
+    weights = read_encoder(cfg.model.checkpoint)
+    _, test = labelled_splits(cfg.data, cfg.train.seed, protocol, cfg.eval.crop_pct)
+    layout = ClassifierLayout(num_classes=test.num_classes, head_norm=HEAD_NORM[protocol], trained=True)
+    model = build_classifier(cfg.model, weights, layout, img_size=cfg.data.img_size, in_chans=test.channels)
+    if runtime.is_main:
+        print(model.load_report.summary(), file=sys.stderr)
+    model = model.to(runtime.device)
+    result = evaluate(
+        model, test, runtime, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+        progress=cfg.train.progress,
+    )
+    metrics = {
+        "protocol": protocol, **result, "checkpoint": cfg.model.checkpoint, **describe_model(model),
+        "dataset": cfg.data.path or cfg.data.name, "eval_only": True,
+    }
+    if runtime.is_main:
+        out = Path(cfg.train.output_dir)
+        write_run_files(out, to_dict(cfg), runtime.dist)
+        write_metrics(out, metrics)
+    barrier(runtime.dist)
+    return metrics
