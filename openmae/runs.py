@@ -1,6 +1,8 @@
-"""The classification protocols as runs: fine-tuning and linear probing share everything but their
-task and readout (labelled splits, the classifier from a checkpoint, the engine, metrics.json, and
-``--eval-only`` for a saved classifier)."""
+"""The runs built on the training engine: pretraining, and the classification protocols.
+
+Fine-tuning and linear probing share everything but their task and readout (labelled splits, the
+classifier from a checkpoint, the engine, metrics.json, and ``--eval-only`` for a saved classifier).
+"""
 
 from __future__ import annotations
 
@@ -11,21 +13,55 @@ from typing import Any
 
 import torch
 
-from openmae.config import ConfigError, to_dict
-from openmae.data import labelled_splits
+from openmae.config import ConfigError, PretrainConfig, to_dict
+from openmae.data import build_dataset, labelled_splits
 from openmae.distributed import barrier
 from openmae.engine import Trainer, write_run_files
 from openmae.eval_config import FinetuneConfig, LinprobeConfig
-from openmae.hooks import HeldOutEvaluation
+from openmae.hooks import HeldOutEvaluation, ReconstructionHook
 from openmae.inference import evaluate
 from openmae.interop.classifier import ClassifierLayout, build_classifier, check_resumable, read_encoder
 from openmae.io import atomic_write_text
 from openmae.runtime import Runtime
-from openmae.tasks import FinetuneTask, LinearProbeTask
+from openmae.models import create_model
+from openmae.tasks import FinetuneTask, LinearProbeTask, PretrainTask
 from openmae.transforms import finetune_transform
 
 # The linear probe reads the encoder through BatchNorm (no affine) + linear; fine-tuning through a linear head.
 HEAD_NORM = {"finetune": False, "linprobe": True}
+
+
+def build_pretrain_model(cfg: PretrainConfig, channels: int) -> torch.nn.Module:
+    kwargs: dict[str, Any] = {
+        "img_size": cfg.data.img_size,
+        "in_chans": channels,
+        "norm_pix_loss": cfg.model.norm_pix_loss,
+        "mask_type": cfg.model.mask_type,
+        **cfg.model.kwargs,
+    }
+    if kwargs["in_chans"] != channels:
+        raise ConfigError(
+            f"model.kwargs.in_chans={kwargs['in_chans']} but the data has {channels} channel(s); "
+            f"set --data.channels {kwargs['in_chans']} or drop the override"
+        )
+    try:
+        return create_model(cfg.model.name, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"cannot build {cfg.model.name}: {e}") from None
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain as configured; returns the run summary (also written to ``summary.json``)."""
+    dataset = build_dataset(cfg.data, split="train", augment=True, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretrain_model(cfg, dataset.channels)
+    task = PretrainTask(model, cfg.model.mask_ratio, cfg.model.mask_type, cfg.train.seed)
+    if cfg.train.recon_every:
+        task.hooks.append(ReconstructionHook(cfg, dataset))
+    config = to_dict(cfg)
+    config["data"]["mean"], config["data"]["std"] = list(dataset.mean), list(dataset.std)
+    trainer = Trainer(task, dataset, cfg.train, cfg.optim, config)
+    return trainer.fit()
 
 
 def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:

@@ -49,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or with ``cfg.eval.only`` evaluate) as configured; returns the metrics written
     to ``metrics.json``: held-out top-1 / top-5 (%), loss, images, and the run's description."""
-    from openmae.protocols import run_protocol
+    from openmae.runs import run_protocol
 
     return run_protocol("finetune", cfg)

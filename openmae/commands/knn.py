@@ -53,7 +53,7 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
     from openmae.engine import seed_everything, write_run_files
     from openmae.inference import knn_accuracy
     from openmae.interop.classifier import build_feature_model, read_encoder
-    from openmae.protocols import write_metrics
+    from openmae.runs import write_metrics
     from openmae.runtime import Runtime
     from openmae.transforms import eval_transform
 

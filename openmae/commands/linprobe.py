@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
     """Linear-probe (or with ``cfg.eval.only`` evaluate) as configured; returns the metrics
     written to ``metrics.json``."""
-    from openmae.protocols import run_protocol
+    from openmae.runs import run_protocol
 
     if cfg.model.drop_path_rate:
         raise ConfigError("linear probing keeps the encoder frozen: drop --model.drop_path_rate")
