@@ -62,16 +62,24 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, D) -> (B, T, D).
+
+        attn_mask: optional bool, True = may attend, broadcastable to (B, nh, T, T); every query
+        must be allowed at least one key (a fully masked row is NaN).
+        """
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, nh, T, hs)
-        # On CPU the explicit product beats scaled_dot_product_attention (much more so in bf16
-        # backward, see benchmarks/attention.py); fused kernels win on GPUs.
+        # On CPU the explicit product beats scaled_dot_product_attention (measured on a training
+        # step, the backward above all: benchmarks/pretrain_speed.py --compare openmae openmae_sdpa);
+        # fused kernels win on GPUs.
         if self.attn_impl == "sdpa" or (self.attn_impl == "auto" and x.is_cuda):
-            x = F.scaled_dot_product_attention(q, k, v)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, T, T)
+            if attn_mask is not None:
+                attn = attn.masked_fill(~attn_mask, float("-inf"))
             x = attn.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(b, t, d)
         return self.proj(x)
@@ -108,8 +116,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, D) -> (B, T, D); attn_mask as :meth:`Attention.forward`."""
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -211,8 +220,8 @@ class ViTEncoder(nn.Module):
 
 
 def model_config(locals_: dict[str, Any]) -> dict[str, Any]:
-    """The constructor arguments of a model, to save next to its weights."""
-    cfg = {k: v for k, v in locals_.items() if k not in ("self", "__class__")}
-    if isinstance(cfg.get("img_size"), tuple):
-        cfg["img_size"] = list(cfg["img_size"])
-    return cfg
+    """The constructor arguments of a model, to save next to its weights; tuples become lists, so
+    the config survives a JSON round trip unchanged."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in locals_.items() if k not in ("self", "__class__")
+    }
