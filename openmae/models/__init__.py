@@ -1,11 +1,28 @@
-"""Model families; importing this module registers every variant."""
+"""Model families; importing this module registers every variant.
 
-from openmae.models import mae  # noqa: F401
-from openmae.models import convmae  # noqa: F401
-from openmae.models import classifier  # noqa: F401
+Code above the models imports the registry's functions from here, so the registry is always full.
+"""
+
+from openmae.models import classifier, convmae, convvit, mae  # noqa: F401  (registers the variants)
 from openmae.models.classifier import VisionTransformer
-from openmae.models.convmae import ConvMAE, ConvViT
+from openmae.models.convmae import ConvMAE
+from openmae.models.convvit import ConvViT
 from openmae.models.mae import MAEObjective, MAEOutput, MaskedAutoencoder
 from openmae.models.vit import ViTEncoder
+from openmae.registry import arch_of, create_model, list_models, model_factory, register_model, register_variant
 
-__all__ = ["ConvMAE", "ConvViT", "MAEObjective", "MAEOutput", "MaskedAutoencoder", "ViTEncoder", "VisionTransformer"]
+__all__ = [
+    "ConvMAE",
+    "ConvViT",
+    "MAEObjective",
+    "MAEOutput",
+    "MaskedAutoencoder",
+    "ViTEncoder",
+    "VisionTransformer",
+    "arch_of",
+    "create_model",
+    "list_models",
+    "model_factory",
+    "register_model",
+    "register_variant",
+]

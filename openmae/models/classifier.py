@@ -14,13 +14,14 @@ follows timm's ``VisionTransformer`` (and the official MAE fine-tuning code):
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.nn as nn
 from torch import Tensor
 
 from openmae.models.vit import ViTEncoder, init_weights, model_config
-from openmae.registry import register_model
+from openmae.registry import list_models, model_factory, register_variant
 
 GLOBAL_POOLS = ("avg", "token")  # mean of the patch tokens, or the cls token
 
@@ -105,14 +106,13 @@ class VisionTransformer(ViTEncoder):
         self.init_encoder_weights()
         self.reset_head()
 
-    def reset_head(self, std: float | None = None) -> None:
+    def reset_head(self) -> None:
         """Re-initialise the head: trunc-normal weight (std 2e-5 as the MAE fine-tuning recipe,
         0.01 with ``head_norm`` as its linear probe), zero bias."""
         linear = self.head_linear
         if linear is None:
             return
-        if std is None:
-            std = 0.01 if isinstance(self.head, nn.Sequential) else 2e-5
+        std = 0.01 if isinstance(self.head, nn.Sequential) else 2e-5
         nn.init.trunc_normal_(linear.weight, std=std)
         nn.init.zeros_(linear.bias)
 
@@ -153,66 +153,55 @@ class VisionTransformer(ViTEncoder):
         }
 
 
-def _classifier(name: str, **defaults):
-    def factory(**overrides) -> VisionTransformer:
-        kwargs = {k: v for k, v in {**defaults, **overrides}.items() if k not in MAE_ONLY_ARGS}
-        model = VisionTransformer(**kwargs)
-        model.arch = name
-        return model
+_FASHION_MNIST = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10)  # 28 px grayscale, 10 classes
 
-    factory.__name__ = name
-    factory.__doc__ = f"ViT classifier {name}: " + ", ".join(f"{k}={v}" for k, v in defaults.items())
-    factory.defaults = dict(defaults)
-    return register_model(factory)
-
-
-vit_tiny_patch16 = _classifier("vit_tiny_patch16", embed_dim=192, depth=12, num_heads=3)
-vit_small_patch16 = _classifier("vit_small_patch16", embed_dim=384, depth=12, num_heads=6)
-vit_base_patch16 = _classifier("vit_base_patch16", embed_dim=768, depth=12, num_heads=12)
-vit_large_patch16 = _classifier("vit_large_patch16", embed_dim=1024, depth=24, num_heads=16)
-vit_huge_patch14 = _classifier("vit_huge_patch14", patch_size=14, embed_dim=1280, depth=32, num_heads=16)
-# The encoder of mae_vit_tiny_patch4 (28 px grayscale, Fashion-MNIST), 10 classes.
-vit_tiny_patch4 = _classifier(
-    "vit_tiny_patch4", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=6, num_heads=3
-)
-
-# The encoder of mae_vit_micro_patch4, the built-in CPU default.
-vit_micro_patch4 = _classifier(
-    "vit_micro_patch4", img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=4, num_heads=4
-)
+_VARIANTS = {
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # The encoder of mae_vit_tiny_patch4.
+    "vit_tiny_patch4": dict(**_FASHION_MNIST, embed_dim=192, depth=6, num_heads=3),
+    # The encoder of mae_vit_micro_patch4, the built-in CPU default.
+    "vit_micro_patch4": dict(**_FASHION_MNIST, embed_dim=128, depth=4, num_heads=4),
+}
+for _name, _defaults in _VARIANTS.items():
+    register_variant(VisionTransformer, _name, ignore=MAE_ONLY_ARGS, **_defaults)
 
 
 # Pretraining-model prefix -> the prefix of its classifier (the encoder with a head).
-CLASSIFIER_PREFIXES = {"mae_vit_": "vit_", "convmae_": "convvit_"}
+CLASSIFIER_FAMILIES = {"mae_vit_": "vit_", "convmae_": "convvit_"}
 
 
 def classifier_name(arch: str) -> str | None:
     """The registered classifier for a pretraining architecture (``mae_vit_base_patch16`` ->
     ``vit_base_patch16``, ``convmae_base_patch16`` -> ``convvit_base_patch16``), the name itself
     for a classifier, None when there is none."""
-    from openmae.registry import list_models
-
     names = set(list_models())
-    candidates = [arch] + [c + arch.removeprefix(p) for p, c in CLASSIFIER_PREFIXES.items() if arch.startswith(p)]
+    candidates = [arch] + [c + arch.removeprefix(p) for p, c in CLASSIFIER_FAMILIES.items() if arch.startswith(p)]
     for candidate in candidates:
-        if candidate in names and candidate.startswith(tuple(CLASSIFIER_PREFIXES.values())):
+        if candidate in names and candidate.startswith(tuple(CLASSIFIER_FAMILIES.values())):
             return candidate
     return None
 
 
 def classifier_args() -> dict[str, Any]:
     """The constructor arguments of :class:`VisionTransformer` and their defaults."""
-    import inspect
-
     params = inspect.signature(VisionTransformer.__init__).parameters
     return {name: p.default for name, p in params.items() if name != "self"}
 
 
 def classifier_defaults(name: str) -> dict[str, Any]:
     """The constructor arguments a registered classifier is built with, without building it."""
-    from openmae.registry import model_factory
-
     return {**classifier_args(), **model_factory(name).defaults}
 
 
-__all__ = ["CLASSIFIER_PREFIXES", "GLOBAL_POOLS", "VisionTransformer", "classifier_args", "classifier_defaults", "classifier_name"]
+__all__ = [
+    "CLASSIFIER_FAMILIES",
+    "GLOBAL_POOLS",
+    "VisionTransformer",
+    "classifier_args",
+    "classifier_defaults",
+    "classifier_name",
+]

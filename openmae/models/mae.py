@@ -16,7 +16,7 @@ from torch import Tensor
 from openmae.masking import MASK_TYPES, Masking, masking_from_mask, masking_from_noise, num_kept, sample_mask
 from openmae.models.vit import Block, ViTEncoder, init_weights, model_config
 from openmae.patches import patchify, sincos_2d, unpatchify
-from openmae.registry import register_model
+from openmae.registry import register_variant
 
 
 def add_decoder(
@@ -243,48 +243,20 @@ class MaskedAutoencoder(MAEObjective, ViTEncoder):
         return super().no_weight_decay() | {"mask_token", "encoder_mask_token", "decoder_pos_embed"}
 
 
-def _mae(name: str, **defaults):
-    def factory(**overrides) -> MaskedAutoencoder:
-        model = MaskedAutoencoder(**{**defaults, **overrides})
-        model.arch = name
-        return model
-
-    factory.__name__ = name
-    factory.__doc__ = f"MAE {name}: " + ", ".join(f"{k}={v}" for k, v in defaults.items())
-    return register_model(factory)
-
-
 _DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-mae_vit_tiny_patch16 = _mae("mae_vit_tiny_patch16", embed_dim=192, depth=12, num_heads=3, **_DECODER)
-mae_vit_small_patch16 = _mae("mae_vit_small_patch16", embed_dim=384, depth=12, num_heads=6, **_DECODER)
-mae_vit_base_patch16 = _mae("mae_vit_base_patch16", embed_dim=768, depth=12, num_heads=12, **_DECODER)
-mae_vit_large_patch16 = _mae("mae_vit_large_patch16", embed_dim=1024, depth=24, num_heads=16, **_DECODER)
-mae_vit_huge_patch14 = _mae(
-    "mae_vit_huge_patch14", patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER
-)
-# Small-image variants for CPU runs and the built-in datasets (28 px Fashion-MNIST, 32 px images).
-mae_vit_tiny_patch4 = _mae(
-    "mae_vit_tiny_patch4",
-    img_size=28,
-    patch_size=4,
-    in_chans=1,
-    embed_dim=192,
-    depth=6,
-    num_heads=3,
-    decoder_embed_dim=128,
-    decoder_depth=2,
-    decoder_num_heads=4,
-)
-# The built-in CPU default: a few minutes on 2 cores reach a useful encoder on Fashion-MNIST.
-mae_vit_micro_patch4 = _mae(
-    "mae_vit_micro_patch4",
-    img_size=28,
-    patch_size=4,
-    in_chans=1,
-    embed_dim=128,
-    depth=4,
-    num_heads=4,
-    decoder_embed_dim=128,
-    decoder_depth=2,
-    decoder_num_heads=4,
-)
+_SMALL_DECODER = dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+_GRAY_28PX = dict(img_size=28, patch_size=4, in_chans=1)
+
+_VARIANTS = {
+    "mae_vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3, **_DECODER),
+    "mae_vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6, **_DECODER),
+    "mae_vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, **_DECODER),
+    "mae_vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, **_DECODER),
+    "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER),
+    # Small-image variants for CPU runs and the built-in datasets (28 px Fashion-MNIST, 32 px images).
+    "mae_vit_tiny_patch4": dict(**_GRAY_28PX, embed_dim=192, depth=6, num_heads=3, **_SMALL_DECODER),
+    # The built-in CPU default: a few minutes on 2 cores reach a useful encoder on Fashion-MNIST.
+    "mae_vit_micro_patch4": dict(**_GRAY_28PX, embed_dim=128, depth=4, num_heads=4, **_SMALL_DECODER),
+}
+for _name, _defaults in _VARIANTS.items():
+    register_variant(MaskedAutoencoder, _name, **_defaults)
