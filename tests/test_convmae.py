@@ -7,12 +7,8 @@ import pytest
 import torch
 
 import openmae
-from openmae.models.convmae import (
-    ConvMAE,
-    ConvViT,
-    visible_map,
-    window_attention_mask,
-)
+from openmae.models.convmae import ConvMAE, visible_map
+from openmae.models.convvit import ConvViT, window_attention_mask
 from openmae.interop.convmae import load_official_convmae
 from openmae.models.mae import MAEOutput
 
@@ -176,12 +172,55 @@ def test_pyramid_shapes(img_size):
     torch.testing.assert_close(maps["E3"].flatten(2).transpose(1, 2), m.forward_features(x))  # row-major
 
 
-def test_window_over_the_whole_grid_is_global_attention():
-    x = torch.randn(2, 3, 64, 64)
-    plain = tiny_convvit(64, depth=(1, 1, 3)).eval()
-    windowed = tiny_convvit(64, depth=(1, 1, 3), window_size=4, global_blocks=()).eval()
-    windowed.load_state_dict(plain.state_dict())
-    torch.testing.assert_close(windowed.forward_features(x), plain.forward_features(x), rtol=1e-5, atol=1e-5)
+def test_window_smaller_than_the_grid_partitions():
+    # one unshifted windowed block on a 4 x 4 grid, window 2: a token reaches its own window only
+    windowed = tiny_convvit(64, depth=(1, 1, 1), window_size=2, global_blocks=()).eval()
+    plain = tiny_convvit(64, depth=(1, 1, 1)).eval()
+    plain.load_state_dict(windowed.state_dict())
+    tokens = torch.randn(1, 16, 48)
+    moved = tokens.clone()
+    moved[0, 1 * 4 + 2] += torch.randn(48)  # token (1, 2): window rows 0-1, columns 2-3
+    with torch.no_grad():
+        diff = (windowed.forward_transformer(moved) - windowed.forward_transformer(tokens)).abs().amax(-1)
+        global_diff = (plain.forward_transformer(moved) - plain.forward_transformer(tokens)).abs().amax(-1)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:2, 2:] = True
+    assert torch.equal(diff.reshape(4, 4) > 1e-6, expected)
+    assert (global_diff > 1e-6).all()  # control: the same weights attending globally reach every token
+
+
+def _segments(size: int, window: int, shift: int) -> list[range]:
+    """The runs of grid rows (or columns) that share a window: windows start at ``shift + k * window``
+    (a cyclic shift), and the grid's edge cuts too, since rolled or padded positions are masked out."""
+    cuts = sorted({0, size, *range(shift, size, window)})
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def _windowed_by_hand(blk, tokens: torch.Tensor, grid: tuple[int, int], window: int, shift: int) -> torch.Tensor:
+    """One block run on each window's tokens as a sequence of its own (no padding, no mask)."""
+    out = torch.empty_like(tokens)
+    for rows in _segments(grid[0], window, shift):
+        for cols in _segments(grid[1], window, shift):
+            idx = torch.tensor([r * grid[1] + c for r in rows for c in cols])
+            out[:, idx] = blk(tokens[:, idx])
+    return out
+
+
+# grids 4 x 4, 3 x 3 (padded), 5 x 3 (padded, not square: a transposed partition cannot pass)
+@pytest.mark.parametrize("img_size, window", [(64, 2), (48, 2), ((80, 48), 2), ((80, 48), 3)])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_windowed_blocks_equal_attention_window_by_window(img_size, window, shifted):
+    # unshifted: one windowed block; shifted: an unshifted block, then one shifted by window // 2
+    shifts = [0, window // 2] if shifted else [0]
+    m = tiny_convvit(img_size, depth=(1, 1, len(shifts)), window_size=window, global_blocks=(), shifted_windows=shifted)
+    m.eval()
+    assert m.block_shifts == shifts
+    tokens = torch.randn(2, m.num_patches, 48)
+    with torch.no_grad():
+        expected = tokens
+        for blk, shift in zip(m.blocks3, shifts):
+            expected = _windowed_by_hand(blk, expected, m.grid_size, window, shift)
+        torch.testing.assert_close(m.forward_transformer(tokens), expected)
 
 
 def test_shifted_windows_only_mix_neighbours():

@@ -3,6 +3,7 @@ import torch
 
 import openmae
 from openmae.models.mae import MaskedAutoencoder
+from openmae.models.vit import Block
 from tests.conftest import tiny_overrides
 
 MAE_MODELS = openmae.list_models("mae_vit")
@@ -65,6 +66,24 @@ def test_encoder_is_timm_vit_state_dict():
     vit.load_state_dict(enc)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(vit.forward_features(x), m.encode(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_impl", ["explicit", "sdpa"])
+def test_block_attention_mask(attn_impl):
+    blk = Block(32, 4, attn_impl=attn_impl).eval()
+    x = torch.randn(2, 6, 32)
+    groups = torch.tensor([0, 1, 0, 0, 1, 1])
+    allowed = groups.unsqueeze(1) == groups.unsqueeze(0)  # (T, T): attend within the own group only
+    with torch.no_grad():
+        masked = blk(x, attn_mask=allowed)
+        for g in (0, 1):  # the same as running each group as a sequence of its own
+            torch.testing.assert_close(masked[:, groups == g], blk(x[:, groups == g]))
+        # a mask that allows everything changes nothing; per-image masks broadcast over heads
+        torch.testing.assert_close(blk(x, attn_mask=torch.ones(6, 6, dtype=torch.bool)), blk(x))
+        per_image = torch.stack([allowed, torch.ones_like(allowed)]).unsqueeze(1)  # (B, 1, T, T)
+        both = blk(x, attn_mask=per_image)
+        torch.testing.assert_close(both[0], masked[0])
+        torch.testing.assert_close(both[1], blk(x)[1])
 
 
 def test_noise_convention_and_explicit_mask():
