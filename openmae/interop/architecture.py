@@ -65,7 +65,7 @@ def infer_config(state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
     return cfg, notes
 
 
-# Standard ViT widths (METHOD.md): heads, and the size word in registered names.
+# Standard ViT widths (the ViT and MAE papers): heads, and the size word in registered names.
 VIT_SIZES = {192: ("tiny", 3), 384: ("small", 6), 768: ("base", 12), 1024: ("large", 16), 1280: ("huge", 16)}
 DECODER_HEADS = {512: 16}  # the paper's decoder
 
