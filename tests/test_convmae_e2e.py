@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 import openmae
-from openmae.checkpoint import read_safetensors
+from openmae.io import read_safetensors
 from openmae.cli import main
-from openmae.evaluate import freeze_for_tuning, pooled_features
+from openmae.inference import pooled_features
+from openmae.tasks import freeze_for_tuning
 from openmae.models.classifier import classifier_name
+from openmae.visualize import figure_size
 
 # a shrunk convmae_tiny_patch16: 32 px, 2 x 2 stage-3 grid, a few thousand parameters
 SHRINK = {
@@ -31,10 +33,13 @@ def _metrics(folder) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
-def _finite_accuracy(metrics: dict) -> None:
-    for k in ("top1", "top5"):
-        assert math.isfinite(metrics[k]) and 0.0 <= metrics[k] <= 100.0
+def _check_accuracy(metrics: dict) -> None:
+    """Accuracies that 128 held-out images can give: whole counts of images, top-1 within top-5."""
     assert metrics["images"] == 128
+    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
+    for k in ("top1", "top5"):
+        correct = round(metrics[k] * 128 / 100)
+        assert metrics[k] == pytest.approx(100 * correct / 128, abs=1e-3), (k, metrics[k])
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,7 @@ def test_finetune_last_block_then_evaluate(pretrained, tmp_path):
     ])
     assert rc == 0
     m = _metrics(out)
-    _finite_accuracy(m)
+    _check_accuracy(m)
     assert m["model"] == "convvit_tiny_patch16" and math.isfinite(m["final_loss"])
     # the last stage-3 block, fc_norm and the head train; the conv stages do not
     model = openmae.create_model("convvit_tiny_patch16", **SHRINK, num_classes=10)
@@ -76,7 +81,8 @@ def test_finetune_last_block_then_evaluate(pretrained, tmp_path):
         "--train.output_dir", str(tmp_path / "ft_eval"),
     ])
     assert rc == 0
-    assert _metrics(tmp_path / "ft_eval")["top1"] == m["top1"]
+    again = _metrics(tmp_path / "ft_eval")
+    assert again["eval_only"] and (again["top1"], again["top5"]) == (m["top1"], m["top5"])
 
 
 def test_linprobe_and_knn(pretrained, tmp_path):
@@ -84,14 +90,22 @@ def test_linprobe_and_knn(pretrained, tmp_path):
     rc = main(["linprobe", "--checkpoint", ckpt, "--pool", "avg", *DATA, *RUN, "--train.output_dir", str(tmp_path / "lp")])
     assert rc == 0
     m = _metrics(tmp_path / "lp")
-    _finite_accuracy(m)
+    _check_accuracy(m)
     assert m["trainable_parameters"] == 32 * 10 + 10  # the linear head only (BatchNorm without affine)
+    # the saved probe evaluates to the same numbers
+    rc = main([
+        "linprobe", "--eval-only", "true", "--checkpoint", str(tmp_path / "lp" / "model.safetensors"),
+        "--pool", "avg", *DATA, *RUN, "--train.output_dir", str(tmp_path / "lp_eval"),
+    ])
+    assert rc == 0
+    again = _metrics(tmp_path / "lp_eval")
+    assert again["eval_only"] and (again["top1"], again["top5"]) == (m["top1"], m["top5"])
     rc = main([
         "knn", "--checkpoint", ckpt, "--pool", "avg", *DATA, "--run.precision", "fp32", "--run.progress", "false",
         "--output", str(tmp_path / "knn"),
     ])
     assert rc == 0
-    _finite_accuracy(_metrics(tmp_path / "knn"))
+    _check_accuracy(_metrics(tmp_path / "knn"))
     # a cls-token readout is refused with a clear message, not a shape error
     rc = main(["knn", "--checkpoint", ckpt, "--pool", "token", *DATA, "--output", str(tmp_path / "knn_token")])
     assert rc == 2
@@ -114,7 +128,14 @@ def test_embed_and_reconstruct(pretrained, tmp_path):
     figure = tmp_path / "recon.png"
     rc = main(["reconstruct", str(folder), "--checkpoint", ckpt, "--out", str(figure), "--mask-ratio", "0.5", "0.75"])
     assert rc == 0
-    assert Image.open(figure).size[0] > 0
+    with Image.open(figure) as img:
+        assert img.size == figure_size(4 * 2)  # one row per image and mask ratio
+        grey = np.asarray(img.convert("L")).astype(float)
+    # the first panel (row 1, "original") shows the digit: the layout's sizes from figure_size
+    top, left = figure_size(0)[1], figure_size(0, cols=0)[0]  # header height, label column width
+    side = figure_size(1)[1] - top  # a panel's side
+    first = grey[top : top + side, left : left + side]
+    assert first.std() > 20 and first.min() < 64 and first.max() > 192
 
 
 def test_shared_evaluation_helpers_follow_the_model():
