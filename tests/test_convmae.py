@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import openmae
+from openmae.interop.convmae import load_official_convmae
 from openmae.models.convmae import ConvMAE, visible_map
 from openmae.models.convvit import ConvViT, window_attention_mask
-from openmae.interop.convmae import load_official_convmae
 from openmae.models.mae import MAEOutput
 
 # shrunk widths: every case runs in well under a second on two cores

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import openmae
-from openmae.io import read_safetensors
 from openmae.cli import main
 from openmae.inference import pooled_features
-from openmae.tasks import freeze_for_tuning
+from openmae.io import read_safetensors
 from openmae.models.classifier import classifier_name
+from openmae.tasks import freeze_for_tuning
 from openmae.visualize import figure_size
 
 # a shrunk convmae_tiny_patch16: 32 px, 2 x 2 stage-3 grid, a few thousand parameters

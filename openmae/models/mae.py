@@ -167,7 +167,9 @@ class MaskedAutoencoder(MAEObjective, ViTEncoder):
         attn_impl: str = "auto",
     ):
         config = model_config(locals())
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_eps, 0.0, attn_impl)
+        super().__init__(
+            img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_eps, 0.0, attn_impl
+        )
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {mask_type!r}")
         if decoder_embed_dim % 4:
