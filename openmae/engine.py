@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,23 +25,21 @@ import yaml
 from torch import Tensor
 
 from openmae import checkpoint as ckpt
-from openmae.config import ConfigError, OptimConfig, TrainConfig
+from openmae.config import ConfigError, DataConfig, OptimConfig, TrainConfig
 from openmae.data import BadImageTracker, build_loader
 from openmae.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
 from openmae.interop import save_pretrained
 from openmae.interop.architecture import load_state
 from openmae.io import atomic_write_text
 from openmae.optim import build_adamw, cosine_lr, set_lr
-from openmae.precision import Precision
 from openmae.runtime import Runtime
 
 
 class Task(Protocol):
     """What the engine needs from a pretraining / fine-tuning / probing task.
 
-    Optional members: ``name`` (the progress bar's label), ``build_optimizer(groups, lr, optim_cfg)``
-    (default: AdamW with ``optim_cfg.betas``), ``on_epoch_end(ctx)`` (metrics, logged),
-    and ``on_train_end(ctx)`` (summary fields).
+    Optional members: ``name`` (the progress bar's label, default ``pretrain``) and
+    ``build_optimizer(groups, lr, optim_cfg)`` (default: AdamW with ``optim_cfg.betas``).
     """
 
     model: nn.Module
@@ -53,25 +51,38 @@ class Task(Protocol):
 
 @dataclass
 class RunContext:
-    """What hooks see: the run's place, devices and writers."""
+    """What hooks see: the run's folder, runtime, task and TensorBoard writer, and where it stands."""
 
     out_dir: Path
-    device: torch.device
-    dist: DistInfo
-    precision: Precision
+    runtime: Runtime
+    task: Task
     writer: Any = None  # TensorBoard SummaryWriter on the main rank, else None
-    epoch: int = 0
-    step: int = 0
-    extra: dict = field(default_factory=dict)
+    epoch: int = 0  # 0-based: the epoch that just ended (or, at the end, the last one run)
+    step: int = 0  # optimizer steps taken
 
     @property
-    def runtime(self) -> Runtime:
-        return Runtime(self.device, self.dist, self.precision)
+    def model(self) -> nn.Module:
+        """The plain module being trained, on the run's device (never its compiled or DDP wrapper)."""
+        return self.task.model
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+
+
+class Hook(Protocol):
+    """What runs beside training. Both methods are optional.
+
+    ``on_epoch_end(ctx)`` returns metrics or None: they join the epoch's ``epoch_end`` record in
+    metrics.jsonl, and the numbers go to TensorBoard. ``on_train_end(ctx)`` returns fields merged into
+    the summary, or None. Hooks run on every rank, in the order given: one that writes files checks
+    ``ctx.runtime.is_main``; one that computes across ranks (evaluation) needs them all.
+    """
+
+    def on_epoch_end(self, ctx: RunContext) -> dict[str, Any] | None: ...
+
+    def on_train_end(self, ctx: RunContext) -> dict[str, Any] | None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -144,28 +155,31 @@ class Trainer:
     optional clipping, mixed precision, DDP, logging and atomic, resumable checkpoints.
 
     Args:
-        task: turns a batch into ``{"loss": ...}``; may define ``on_epoch_end(ctx)`` returning
-            metrics, ``on_train_end(ctx)``, and ``describe()`` (extra summary fields).
+        task: turns a batch into ``{"loss": ...}`` (see :class:`Task`).
         dataset: the training dataset (see openmae.data).
+        runtime: device, process group and precision, built by the caller (``Runtime.create``).
         train, optim: the run's settings.
+        data: the data settings the loop reads (``num_workers``, ``max_bad_fraction``).
         config: the whole resolved config, written next to the outputs and into checkpoints.
+        hooks: run at each epoch's end and the run's (see :class:`Hook`).
     """
 
     def __init__(
         self,
         task: Task,
         dataset,
+        runtime: Runtime,
+        *,
         train: TrainConfig,
         optim: OptimConfig,
+        data: DataConfig,
         config: dict[str, Any],
-        runtime: Runtime | None = None,
-    ):
-        self.task = task
-        self.dataset = dataset
-        self.cfg = train
-        self.optim_cfg = optim
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        self.task, self.dataset, self.runtime = task, dataset, runtime
+        self.cfg, self.optim_cfg, self.data = train, optim, data
         self.config = config
-        runtime = runtime or Runtime.create(train.device, train.precision)
+        self.hooks = list(hooks)
         self.device, self.dist, self.precision = runtime.device, runtime.dist, runtime.precision
         self.out_dir = Path(train.output_dir)
 
@@ -249,7 +263,7 @@ class Trainer:
         train_model = torch.compile(model) if cfg.compile else model
         train_model = wrap_ddp(train_model, dist, device)
         writer = self._writer()
-        ctx = RunContext(self.out_dir, device, dist, self.precision, writer)
+        ctx = RunContext(self.out_dir, self.runtime, self.task, writer)
         tracker = BadImageTracker(self.dataset)
         metrics_path = self.out_dir / "metrics.jsonl"
         start_epoch, skip = divmod(step, steps_per_epoch)
@@ -274,7 +288,7 @@ class Trainer:
                 world_size=dist.world_size,
                 rank=dist.rank,
                 seed=cfg.seed,
-                num_workers=self._num_workers(),
+                num_workers=self.data.num_workers,
                 epoch=epoch,
                 skip_batches=skip * cfg.accum_steps,
                 pin_memory=device.type == "cuda",
@@ -287,7 +301,7 @@ class Trainer:
             micro = 0
             for batch in loader:
                 tracker.update(batch)
-                tracker.check(self._max_bad_fraction())
+                tracker.check(self.data.max_bad_fraction)
                 if batch.images.shape[0] == 0:
                     continue
                 if micro == 0:
@@ -349,12 +363,11 @@ class Trainer:
             epoch_done = step % steps_per_epoch == 0 and step > 0
             if epoch_done:
                 ctx.step = step
-                hook = getattr(self.task, "on_epoch_end", None)
-                metrics = hook(ctx) if hook is not None else None
+                metrics = self._call_hooks("on_epoch_end", ctx)
                 if dist.is_main:
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"epoch_end": epoch + 1, "step": step, **(metrics or {})}) + "\n")
-                    scalars = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+                        f.write(json.dumps({"epoch_end": epoch + 1, "step": step, **metrics}) + "\n")
+                    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                     ctx.log_scalars(scalars, step)
                 if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                     self._save(model, optimizer, scaler, step, epoch, device)
@@ -377,9 +390,7 @@ class Trainer:
             "world_size": dist.world_size,
             "bad_images": tracker.summary(),
         }
-        end_hook = getattr(self.task, "on_train_end", None)
-        if end_hook is not None:
-            summary.update(end_hook(ctx) or {})
+        summary.update(self._call_hooks("on_train_end", ctx))
         if dist.is_main:
             save_pretrained(model, self.out_dir / "model.safetensors")
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -395,11 +406,14 @@ class Trainer:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _num_workers(self) -> int:
-        return int(self.config.get("data", {}).get("num_workers", 0))
-
-    def _max_bad_fraction(self) -> float:
-        return float(self.config.get("data", {}).get("max_bad_fraction", 0.05))
+    def _call_hooks(self, event: str, ctx: RunContext) -> dict[str, Any]:
+        """Call ``event`` on every hook that has it, in order; their returned dicts merged."""
+        merged: dict[str, Any] = {}
+        for hook in self.hooks:
+            method = getattr(hook, event, None)
+            if method is not None:
+                merged.update(method(ctx) or {})
+        return merged
 
     def _writer(self):
         if not self.dist.is_main:
@@ -424,8 +438,3 @@ def _to_device(batch, device: torch.device):
     batch.images = batch.images.to(device, non_blocking=nb)
     batch.labels = batch.labels.to(device, non_blocking=nb)
     return batch
-
-
-def run_dir_summary(out_dir: str | os.PathLike) -> dict[str, Any]:
-    with open(Path(out_dir) / "summary.json") as f:
-        return json.load(f)

@@ -18,7 +18,7 @@ from openmae.data import build_dataset, labelled_splits
 from openmae.distributed import barrier
 from openmae.engine import Trainer, write_run_files
 from openmae.eval_config import FinetuneConfig, LinprobeConfig
-from openmae.hooks import HeldOutEvaluation, ReconstructionHook
+from openmae.hooks import HeldOutEvaluation, LossCurvePlot, ReconstructionHook
 from openmae.inference import evaluate
 from openmae.interop.classifier import ClassifierLayout, build_classifier, check_resumable, read_encoder
 from openmae.io import atomic_write_text
@@ -52,15 +52,16 @@ def build_pretrain_model(cfg: PretrainConfig, channels: int) -> torch.nn.Module:
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain as configured; returns the run summary (also written to ``summary.json``)."""
+    runtime = Runtime.create(cfg.train.device, cfg.train.precision)
     dataset = build_dataset(cfg.data, split="train", augment=True, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = build_pretrain_model(cfg, dataset.channels)
     task = PretrainTask(model, cfg.model.mask_ratio, cfg.model.mask_type, cfg.train.seed)
-    if cfg.train.recon_every:
-        task.hooks.append(ReconstructionHook(cfg, dataset))
+    hooks = [ReconstructionHook(cfg, dataset)] if cfg.train.recon_every else []
+    hooks.append(LossCurvePlot())
     config = to_dict(cfg)
     config["data"]["mean"], config["data"]["std"] = list(dataset.mean), list(dataset.std)
-    trainer = Trainer(task, dataset, cfg.train, cfg.optim, config)
+    trainer = Trainer(task, dataset, runtime, train=cfg.train, optim=cfg.optim, data=cfg.data, config=config, hooks=hooks)
     return trainer.fit()
 
 
@@ -93,12 +94,14 @@ def run_protocol(protocol: str, cfg: FinetuneConfig | LinprobeConfig) -> dict[st
         print(model.load_report.summary(), file=sys.stderr)
     evaluation = HeldOutEvaluation(test, cfg.eval, cfg.train.epochs, cfg.data.num_workers)
     if protocol == "finetune":
-        task = FinetuneTask(model, cfg.finetune, cfg.train.seed, evaluation)
+        task = FinetuneTask(model, cfg.finetune, cfg.train.seed)
     else:
-        task = LinearProbeTask(model, cfg.linprobe, evaluation)
+        task = LinearProbeTask(model, cfg.linprobe)
     config = to_dict(cfg)
     config["data"]["mean"], config["data"]["std"] = list(train.mean), list(train.std)
-    trainer = Trainer(task, train, cfg.train, cfg.optim, config, runtime)
+    trainer = Trainer(
+        task, train, runtime, train=cfg.train, optim=cfg.optim, data=cfg.data, config=config, hooks=[evaluation]
+    )
     check_resumable(trainer.find_resume(), task.model)
     summary = trainer.fit()
     metrics = {

@@ -1,4 +1,5 @@
 """Tasks: small objects that turn a batch into ``{"loss": ...}`` for the one training engine.
+What runs beside training (evaluation, figures) is a hook, in openmae.hooks.
 
 - :class:`PretrainTask`: the masked-image-modelling loss on a batch masked per (seed, epoch, index).
 - :class:`FinetuneTask` (end-to-end or partial fine-tuning: layer-wise lr decay, mixup/cutmix,
@@ -8,8 +9,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,11 +17,9 @@ from torch import Tensor
 from openmae.config import ConfigError
 from openmae.data import sample_seed
 from openmae.eval_config import FinetuneSettings, LinprobeSettings, parse_tune_blocks
-from openmae.hooks import HeldOutEvaluation
 from openmae.masking import sample_mask
 from openmae.optim import build_adamw, param_groups
 from openmae.transforms import seeded_host_rngs
-from openmae.visualize import plot_loss_curve
 
 
 class PretrainTask:
@@ -33,12 +30,13 @@ class PretrainTask:
     number of data workers, and straight through or resumed.
     """
 
+    name = "pretrain"
+
     def __init__(self, model: nn.Module, mask_ratio: float = 0.75, mask_type: str = "random", seed: int = 0):
         self.model = model
         self.mask_ratio = mask_ratio
         self.mask_type = mask_type
         self.seed = seed
-        self.hooks: list[Any] = []
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return param_groups(self.model, weight_decay, skip=self.model.no_weight_decay())
@@ -66,32 +64,8 @@ class PretrainTask:
         out = model(images, self.mask_ratio, **m)
         return {"loss": out.loss}
 
-    def on_train_end(self, ctx) -> None:
-        if ctx.dist.is_main and (ctx.out_dir / "metrics.jsonl").exists():
-            plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png")
 
-    def on_epoch_end(self, ctx) -> dict[str, float] | None:
-        metrics: dict[str, float] = {}
-        for hook in self.hooks:
-            metrics.update(hook(self, ctx) or {})
-        return metrics or None
-
-
-class _ClassifierTask:
-    name = "classifier"
-
-    def __init__(self, model: nn.Module, evaluation: HeldOutEvaluation | None) -> None:
-        self.model = model
-        self.evaluation = evaluation
-
-    def on_epoch_end(self, ctx) -> dict[str, float] | None:
-        return self.evaluation.on_epoch_end(self.model, ctx) if self.evaluation else None
-
-    def on_train_end(self, ctx) -> dict[str, Any]:
-        return self.evaluation.on_train_end(self.model, ctx) if self.evaluation else {}
-
-
-class FinetuneTask(_ClassifierTask):
+class FinetuneTask:
     """Fine-tuning (end-to-end or partial): cross-entropy with label smoothing, or on mixup/cutmix
     soft targets; layer-wise lr decay through timm's parameter groups.
 
@@ -101,14 +75,8 @@ class FinetuneTask(_ClassifierTask):
 
     name = "finetune"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        settings: FinetuneSettings,
-        seed: int = 0,
-        evaluation: HeldOutEvaluation | None = None,
-    ) -> None:
-        super().__init__(model, evaluation)
+    def __init__(self, model: nn.Module, settings: FinetuneSettings, seed: int = 0) -> None:
+        self.model = model
         self.settings = settings
         self.seed = seed
         self.trainable = freeze_for_tuning(model, settings.tune_blocks)
@@ -153,16 +121,14 @@ class FinetuneTask(_ClassifierTask):
         return {"loss": loss}
 
 
-class LinearProbeTask(_ClassifierTask):
+class LinearProbeTask:
     """Linear probing: everything but the head frozen; the head is BatchNorm (no affine) + linear,
     trained with LARS as in the paper (or SGD / AdamW)."""
 
     name = "linprobe"
 
-    def __init__(
-        self, model: nn.Module, settings: LinprobeSettings, evaluation: HeldOutEvaluation | None = None
-    ) -> None:
-        super().__init__(model, evaluation)
+    def __init__(self, model: nn.Module, settings: LinprobeSettings) -> None:
+        self.model = model
         self.settings = settings
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")

@@ -284,6 +284,7 @@ def test_knn_monitor_during_pretraining(tmp_path):
     from openmae.config import OptimConfig, TrainConfig
     from openmae.data import build_dataset
     from openmae.engine import Trainer
+    from openmae.runtime import Runtime
     from openmae.tasks import PretrainTask
     from openmae.transforms import eval_transform
 
@@ -292,9 +293,10 @@ def test_knn_monitor_during_pretraining(tmp_path):
     bank, queries = build_dataset(data, "train", augment=False), build_dataset(data, "test", augment=False)
     bank.transform = queries.transform = eval_transform(16, bank.mean, bank.std)
     task = PretrainTask(openmae.create_model("mae_vit_tiny_patch4", **MAE))
-    task.hooks.append(KNNMonitor(bank, queries, every=1, k=5))
     train_cfg = TrainConfig(output_dir=str(tmp_path), **FAST)
-    Trainer(task, train, train_cfg, OptimConfig(), {"data": {"num_workers": 0}}).fit()
+    runtime = Runtime.create(train_cfg.device, train_cfg.precision)
+    hooks = [KNNMonitor(bank, queries, every=1, k=5)]
+    Trainer(task, train, runtime, train=train_cfg, optim=OptimConfig(), data=data, config={}, hooks=hooks).fit()
     end = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line]
     assert 0 <= end[-1]["knn/top1"] <= end[-1]["knn/top5"] <= 100
 
@@ -309,9 +311,10 @@ def test_embed_is_deterministic_and_lists_paths(tmp_path, mae_file):
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / ("sub" if i % 2 else "") / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
-    a = embed_folder(folder, tmp_path / "a.safetensors", checkpoint=str(mae_file), batch_size=2)
+    exact = dict(checkpoint=str(mae_file), precision="fp32")  # auto may pick bf16: not the encoder's exact features
+    a = embed_folder(folder, tmp_path / "a.safetensors", **exact, batch_size=2)
     for again in ("b", "c"):  # the same bytes every time (safetensors metadata order included)
-        embed_folder(folder, tmp_path / f"{again}.safetensors", checkpoint=str(mae_file), batch_size=2)
+        embed_folder(folder, tmp_path / f"{again}.safetensors", **exact, batch_size=2)
         assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / f"{again}.safetensors").read_bytes()
     assert a["count"] == 5 and a["dim"] == 32 and a["failed"] == [str(folder / "broken.jpg")]
     tensors, meta = read_safetensors(tmp_path / "a.safetensors")
@@ -320,7 +323,7 @@ def test_embed_is_deterministic_and_lists_paths(tmp_path, mae_file):
     assert tensors["features"].shape == (5, 32) and paths[0] == str(folder / "0.png") and len(paths) == 5
     assert info["pool"] == "token" and info["failed"] == a["failed"]
     # batching does not change the features; .npy goes with a paths file
-    embed_folder(folder, tmp_path / "d.npy", checkpoint=str(mae_file), batch_size=5)
+    embed_folder(folder, tmp_path / "d.npy", **exact, batch_size=5)
     assert np.allclose(np.load(tmp_path / "d.npy"), tensors["features"].numpy(), atol=1e-5)
     assert (tmp_path / "d.paths.txt").read_text().splitlines() == paths
     # the features are the encoder's: the MAE's cls token after its final norm
