@@ -101,6 +101,21 @@ def training_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """The global RNG states a resumed run must continue from: the CPU's, and ``device``'s if a GPU."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.safetensors"
 

@@ -1,7 +1,31 @@
-"""The one training loop. Tasks differ by a small object that turns a batch into ``{"loss": ...}``.
+"""The one training loop. Pretraining, fine-tuning and linear probing differ only by a task (a batch in,
+``{"loss": ...}`` out) and by the hooks that run beside it.
 
-Order of wrapping (done here, never inside models): build the plain model on the device ->
-optional ``torch.compile`` -> DDP. Checkpoints always hold the plain module's state dict.
+:meth:`Trainer.fit` reads as the method, built from named parts: a :class:`Schedule` (steps and
+learning rates), a :class:`CheckpointManager` (resume, save, prune), :meth:`Trainer.train_step`
+(forward and backward over one step's micro-batches), :func:`optimizer_step` (unscale, clip, step),
+a :class:`MetricsLogger` (metrics.jsonl, TensorBoard, the progress bar) and :class:`Hook` objects.
+
+Why the setup runs in the order it does (wrapping happens here, never inside models):
+
+1. The caller builds the :class:`~openmae.runtime.Runtime` (device, process group, precision) and
+   hands it over. Everything after needs it: the model goes to this rank's device, DDP needs the
+   process group to broadcast rank 0's weights, the loader needs the rank to pick its shard. Built
+   outside, it is shared with evaluation, and constructing a Trainer never joins a process group.
+2. Seed, move the plain model to the device, and build the optimizer over the plain module's
+   parameter groups, before any wrapping: the groups are named and ordered by the plain module, so
+   the optimizer state in a checkpoint lines up whatever wraps the model (and fused AdamW decides
+   from the parameters' device when it is built, so they must be there already).
+3. Resume into the plain module, optimizer, scaler and RNG, still before wrapping: checkpoint keys
+   are the plain module's (no ``module.`` / ``_orig_mod.`` prefixes), and DDP, built next, starts
+   every rank from the restored weights.
+4. Optional ``torch.compile`` of the plain module, then DDP around it. The compiled graph is the same
+   on one process or many and holds no collectives, and DDP outermost gives ``no_sync`` for
+   accumulation. The cost: the gradient all-reduce starts once the compiled backward is done instead
+   of overlapping it bucket by bucket (as compiling the DDP wrapper would let it).
+5. Only the training forward goes through the wrapper. Checkpoints, ``model.safetensors`` and hooks
+   (evaluation, kNN, reconstructions) use the plain module: what is saved loads into a bare model,
+   and evaluating never triggers DDP's collectives or a recompile.
 """
 
 from __future__ import annotations
@@ -14,7 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +50,7 @@ from torch import Tensor
 
 from openmae import checkpoint as ckpt
 from openmae.config import ConfigError, DataConfig, OptimConfig, TrainConfig
-from openmae.data import BadImageTracker, build_loader
+from openmae.data import BadImageTracker, Batch, build_loader
 from openmae.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
 from openmae.interop import save_pretrained
 from openmae.interop.architecture import load_state
@@ -65,11 +89,6 @@ class RunContext:
         """The plain module being trained, on the run's device (never its compiled or DDP wrapper)."""
         return self.task.model
 
-    def log_scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-
 
 class Hook(Protocol):
     """What runs beside training. Both methods are optional.
@@ -85,6 +104,43 @@ class Hook(Protocol):
     def on_train_end(self, ctx: RunContext) -> dict[str, Any] | None: ...
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length in optimizer steps, and its learning rate at each: linear warmup, then cosine."""
+
+    steps_per_epoch: int
+    total_steps: int  # what the learning-rate schedule spans: every epoch
+    stop_step: int  # where the run stops: total_steps, or train.max_steps if that comes first
+    warmup_steps: int
+    peak_lr: float
+    min_lr: float = 0.0
+
+    def lr(self, step: int) -> float:
+        return cosine_lr(step, self.total_steps, self.warmup_steps, self.peak_lr, self.min_lr)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the RNG: the plain module, its optimizer, the loss scaler and the step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0  # optimizer steps taken
+
+
+@dataclass
+class StepResult:
+    """What one train step went through."""
+
+    losses: list[Tensor]  # each micro-batch's loss, detached, on the device
+    images: int  # images in those micro-batches, summed over ranks
+    complete: bool  # False: the loader ran out before the step's last micro-batch
+
+
+# -- the run's own files and RNG ------------------------------------------------------------------
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -93,20 +149,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device) -> dict[str, Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _git_sha() -> str | None:
@@ -150,9 +192,216 @@ def write_run_files(out_dir: Path, config: dict[str, Any], dist: DistInfo) -> No
         f.write(env["command"] + "\n")
 
 
+def report_bad_images(bad: dict[str, Any]) -> None:
+    """Print the images that failed to load (the summary's ``bad_images``), if any."""
+    if bad["failed_loads"]:
+        print(f"{bad['failed_loads']} of {bad['images_seen']} image loads failed:", file=sys.stderr)
+        for line in bad["bad_files"][:20]:
+            print(f"  {line}", file=sys.stderr)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """The run's training checkpoints: the one to resume from, resuming, saving on schedule, pruning.
+
+    Saves after step N when ``train.save_every_steps`` divides N, and at the end of every
+    ``train.save_every``-th epoch and of the last; keeps the newest ``train.keep_checkpoints``. Only
+    the main rank writes, and every rank waits for it, so none reads or runs past a half-written file.
+    """
+
+    def __init__(self, out_dir: Path, train: TrainConfig, runtime: Runtime, config: dict[str, Any]) -> None:
+        self.out_dir = out_dir
+        self.cfg = train
+        self.runtime = runtime
+        self.config = config  # the resolved run config, recorded in every checkpoint
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint ``train.resume`` points at, None for a fresh run."""
+        spec = self.cfg.resume
+        if spec is None:
+            return None
+        if spec == "auto":
+            return ckpt.latest_checkpoint(self.out_dir)
+        path = Path(spec)
+        if path.is_dir():
+            found = ckpt.latest_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(f"--resume {spec}: no checkpoint-*.safetensors in that folder")
+            return found
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {spec}: no such file")
+        return path
+
+    def restore(self, state: TrainState, total_steps: int) -> None:
+        """Load the checkpoint to resume (if any) into ``state`` and the RNG."""
+        path = self.resume_path()
+        if path is None:
+            return
+        saved = ckpt.load_training_state(path)
+        load_state(state.model, saved["model"], source=str(path))
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"]:
+            state.scaler.load_state_dict(saved["scaler"])
+        ckpt.set_rng_state(saved["rng"], self.runtime.device)
+        state.step = int(saved["info"]["step"])
+        if self.runtime.is_main:
+            print(f"resuming from {path} at step {state.step}/{total_steps}", file=sys.stderr)
+
+    def after_step(self, state: TrainState, epoch: int) -> None:
+        if self.cfg.save_every_steps and state.step % self.cfg.save_every_steps == 0:
+            self.save(state, epoch)
+
+    def after_epoch(self, state: TrainState, epoch: int) -> None:
+        if (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
+            self.save(state, epoch)
+
+    def save(self, state: TrainState, epoch: int) -> None:
+        if self.runtime.is_main:
+            info = {"step": state.step, "epoch": epoch + 1, "config": self.config}
+            path = self.out_dir / ckpt.checkpoint_name(state.step)
+            rng = ckpt.rng_state(self.runtime.device)
+            ckpt.save_training_state(path, state.model, state.optimizer, info, rng, state.scaler.state_dict())
+            ckpt.prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
+        barrier(self.runtime.dist)
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """The run's scalars: metrics.jsonl, TensorBoard (``tb/``) and the progress bar, on the main rank.
+
+    Losses are summed on the device over a window of steps (no host sync per step). Every
+    ``log_every`` steps, and at the run's last step, the window's sum is all-reduced into the mean
+    loss over the window and all ranks, so every rank must call :meth:`step`. A window never spans
+    epochs: what an epoch leaves unlogged is dropped.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        runtime: Runtime,
+        schedule: Schedule,
+        *,
+        log_every: int,
+        start_step: int,
+        progress: bool,
+        label: str,
+    ) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.runtime, self.schedule = runtime, schedule
+        self.log_every = log_every
+        self.writer = self.bar = None
+        if runtime.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=schedule.total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc=label
+                )
+        self.final_loss = float("nan")  # the last logged mean loss
+        self.images = 0  # images trained on by all ranks, for the run's throughput
+        self.started = time.perf_counter()
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.runtime.device)
+        self.loss_count = 0
+        self.window_started, self.window_images = time.perf_counter(), 0
+
+    def add(self, result: StepResult) -> None:
+        for loss in result.losses:
+            self.loss_sum += loss
+        self.loss_count += len(result.losses)
+        self.window_images += result.images
+        self.images += result.images
+
+    def step(self, step: int, lr: float) -> None:
+        """After optimizer step ``step`` (taken at ``lr``): advance the bar; log the window when due."""
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.log_every and step != self.schedule.stop_step:
+            return
+        dist = self.runtime.dist
+        mean_loss = all_reduce_sum(self.loss_sum.clone(), dist).item() / (self.loss_count * dist.world_size)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"loss is {mean_loss} at step {step}; lower the learning rate or try --train.precision fp32"
+            )
+        ips = self.window_images / max(time.perf_counter() - self.window_started, 1e-9)
+        self.final_loss = mean_loss
+        if self.runtime.is_main:
+            epoch = round(step / self.schedule.steps_per_epoch, 4)
+            self._append({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "images_per_s": ips})
+            self._scalars({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": ips}, step)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
+        self.new_window()
+
+    def epoch_end(self, epoch: int, step: int, metrics: dict[str, Any]) -> None:
+        """The ``epoch_end`` record, with what the hooks returned."""
+        if self.runtime.is_main:
+            self._append({"epoch_end": epoch + 1, "step": step, **metrics})
+            self._scalars({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
+
+    def finish(self) -> dict[str, float]:
+        """Close the progress bar; the run's wall time (s) and throughput (images/s)."""
+        if self.bar is not None:
+            self.bar.close()
+        elapsed = time.perf_counter() - self.started
+        return {"seconds": round(elapsed, 2), "images_per_s": round(self.images / max(elapsed, 1e-9), 2)}
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+
+# -- the steps --------------------------------------------------------------------------------------
+
+
+def optimizer_step(state: TrainState, lr: float, clip_grad: float | None) -> None:
+    """Take one optimizer step at ``lr`` with the accumulated gradients, then clear them.
+
+    Gradients are unscaled before clipping, so the norm is the true one. With fp16, ``scaler.step``
+    skips a step whose gradients overflowed and ``scaler.update`` lowers the scale; otherwise both
+    are plain ``optimizer.step()`` and nothing.
+    """
+    set_lr(state.optimizer, lr)
+    if clip_grad is not None:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    nb = device.type == "cuda"
+    batch.images = batch.images.to(device, non_blocking=nb)
+    batch.labels = batch.labels.to(device, non_blocking=nb)
+    return batch
+
+
 class Trainer:
-    """Run a task for ``train.epochs`` epochs with AdamW, warmup + cosine, accumulation,
-    optional clipping, mixed precision, DDP, logging and atomic, resumable checkpoints.
+    """Run a task for ``train.epochs`` epochs: AdamW (or the task's optimizer), warmup + cosine,
+    accumulation, optional clipping, mixed precision, DDP, logging, hooks and atomic, resumable
+    checkpoints.
 
     Args:
         task: turns a batch into ``{"loss": ...}`` (see :class:`Task`).
@@ -180,231 +429,147 @@ class Trainer:
         self.cfg, self.optim_cfg, self.data = train, optim, data
         self.config = config
         self.hooks = list(hooks)
-        self.device, self.dist, self.precision = runtime.device, runtime.dist, runtime.precision
         self.out_dir = Path(train.output_dir)
-
-    # -- setup ------------------------------------------------------------------------------------
-
-    def steps_per_epoch(self) -> int:
-        per_rank = len(self.dataset) // self.dist.world_size
-        micro = per_rank // self.cfg.batch_size
-        steps = micro // self.cfg.accum_steps
-        if steps < 1:
-            raise ConfigError(
-                f"the dataset has {len(self.dataset)} images, too few for one step of "
-                f"batch {self.cfg.batch_size} x accum {self.cfg.accum_steps} x {self.dist.world_size} processes; "
-                "lower --batch-size or add images"
-            )
-        return steps
-
-    def effective_batch(self) -> int:
-        return self.cfg.batch_size * self.cfg.accum_steps * self.dist.world_size
-
-    def _write_run_files(self) -> None:
-        write_run_files(self.out_dir, self.config, self.dist)
-
-    def find_resume(self) -> Path | None:
-        """The checkpoint ``train.resume`` points at, None for a fresh run."""
-        spec = self.cfg.resume
-        if spec is None:
-            return None
-        if spec == "auto":
-            return ckpt.latest_checkpoint(self.out_dir)
-        path = Path(spec)
-        if path.is_dir():
-            found = ckpt.latest_checkpoint(path)
-            if found is None:
-                raise FileNotFoundError(f"--resume {spec}: no checkpoint-*.safetensors in that folder")
-            return found
-        if not path.exists():
-            raise FileNotFoundError(f"--resume {spec}: no such file")
-        return path
+        self.checkpoints = CheckpointManager(self.out_dir, train, runtime, config)
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        cfg, dist, device = self.cfg, self.dist, self.device
+        """Train (resuming where ``train.resume`` says); returns the summary, also in ``summary.json``."""
+        cfg, runtime = self.cfg, self.runtime
         seed_everything(cfg.seed)
-        steps_per_epoch = self.steps_per_epoch()
-        total_steps = cfg.epochs * steps_per_epoch
-        warmup_steps = round(self.optim_cfg.warmup_epochs * steps_per_epoch)
-        peak_lr = self.optim_cfg.resolved_lr(self.effective_batch())
+        schedule = self.schedule()
+        model = self.task.model.to(runtime.device)
+        state = TrainState(model, self.build_optimizer(schedule.peak_lr), runtime.precision.scaler())
+        self.checkpoints.restore(state, schedule.total_steps)
+        if runtime.is_main:
+            write_run_files(self.out_dir, self.config, runtime.dist)
+            self._announce(schedule)
+        barrier(runtime.dist)
 
-        resume_path = self.find_resume()
-        model = self.task.model.to(device)
-        groups = self.task.param_groups(self.optim_cfg.weight_decay)
-        build_optimizer = getattr(self.task, "build_optimizer", None)
-        if build_optimizer is not None:  # e.g. LARS for linear probing
-            optimizer = build_optimizer(groups, peak_lr, self.optim_cfg)
-        else:
-            optimizer = build_adamw(groups, peak_lr, self.optim_cfg.betas)
-        scaler = self.precision.scaler()
-        step = 0
-        if resume_path is not None:
-            state = ckpt.load_training_state(resume_path)
-            load_state(model, state["model"], source=str(resume_path))
-            optimizer.load_state_dict(state["optimizer"])
-            if state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"], device)
-            step = int(state["info"]["step"])
-            if dist.is_main:
-                print(f"resuming from {resume_path} at step {step}/{total_steps}", file=sys.stderr)
-        if dist.is_main:
-            self._write_run_files()
-            print(
-                f"{type(self.task).__name__}: {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, effective batch "
-                f"{self.effective_batch()}, peak lr {peak_lr:.3g}, {device}, {self.precision.name}, "
-                f"{dist.world_size} process(es) -> {self.out_dir}",
-                file=sys.stderr,
-            )
-        barrier(dist)
-
-        train_model = torch.compile(model) if cfg.compile else model
-        train_model = wrap_ddp(train_model, dist, device)
-        writer = self._writer()
-        ctx = RunContext(self.out_dir, self.runtime, self.task, writer)
+        train_model = wrap_ddp(torch.compile(model) if cfg.compile else model, runtime.dist, runtime.device)
+        logger = MetricsLogger(self.out_dir, runtime, schedule, log_every=cfg.log_every, start_step=state.step,
+                               progress=cfg.progress, label=getattr(self.task, "name", "pretrain"))
+        ctx = RunContext(self.out_dir, runtime, self.task, logger.writer)
         tracker = BadImageTracker(self.dataset)
-        metrics_path = self.out_dir / "metrics.jsonl"
-        start_epoch, skip = divmod(step, steps_per_epoch)
-        t_start = time.perf_counter()
-        images_done = 0
-        last_loss = float("nan")
-
-        bar = None
-        if dist.is_main and cfg.progress:
-            from tqdm import tqdm
-
-            label = getattr(self.task, "name", "pretrain")
-            bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc=label)
-
+        start_epoch, skip = divmod(state.step, schedule.steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+            if state.step >= schedule.stop_step:
                 break
             ctx.epoch = epoch
-            loader = build_loader(
-                self.dataset,
-                cfg.batch_size,
-                world_size=dist.world_size,
-                rank=dist.rank,
-                seed=cfg.seed,
-                num_workers=self.data.num_workers,
-                epoch=epoch,
-                skip_batches=skip * cfg.accum_steps,
-                pin_memory=device.type == "cuda",
-            )
-            skip = 0
+            batches = self.micro_batches(epoch, skip if epoch == start_epoch else 0, tracker)
             model.train()
-            loss_sum = torch.zeros((), device=device)  # summed on device: no per-step host sync
-            loss_count = 0
-            window_t, window_images = time.perf_counter(), 0
-            micro = 0
-            for batch in loader:
-                tracker.update(batch)
-                tracker.check(self.data.max_bad_fraction)
-                if batch.images.shape[0] == 0:
-                    continue
-                if micro == 0:
-                    lr = cosine_lr(step, total_steps, warmup_steps, peak_lr, self.optim_cfg.min_lr)
-                    set_lr(optimizer, lr)
-                micro += 1
-                last_micro = micro == cfg.accum_steps
-                sync = train_model.no_sync() if (dist.enabled and not last_micro) else contextlib.nullcontext()
-                with sync:
-                    with self.precision.autocast():
-                        out = self.task(train_model, _to_device(batch, device), epoch)
-                    loss = out["loss"]
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach().float()
-                loss_count += 1
-                window_images += batch.images.shape[0] * dist.world_size
-                if not last_micro:
-                    continue
-                micro = 0
-                if self.optim_cfg.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), self.optim_cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if bar is not None:
-                    bar.update(1)
+            logger.new_window()
+            while state.step < schedule.stop_step:
+                result = self.train_step(train_model, batches, epoch, state.scaler)
+                logger.add(result)
+                if not result.complete:
+                    break  # images failed to load and the loader ran dry: the gradients carry over
+                lr = schedule.lr(state.step)
+                optimizer_step(state, lr, self.optim_cfg.clip_grad)
+                logger.step(state.step, lr)
+                self.checkpoints.after_step(state, epoch)
+                if state.step % schedule.steps_per_epoch == 0:
+                    break  # the epoch's steps are done: a trailing partial accumulation is dropped
+            batches.close()  # stops this epoch's loader workers before the hooks start theirs
+            if state.step > 0 and state.step % schedule.steps_per_epoch == 0:
+                ctx.step = state.step
+                logger.epoch_end(epoch, state.step, self._call_hooks("on_epoch_end", ctx))
+                self.checkpoints.after_epoch(state, epoch)
 
-                stopping = cfg.max_steps is not None and step >= cfg.max_steps
-                if step % cfg.log_every == 0 or step == total_steps or stopping:
-                    mean_loss = all_reduce_sum(loss_sum.clone(), dist).item() / (loss_count * dist.world_size)
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(
-                            f"loss is {mean_loss} at step {step}; lower the learning rate or try --train.precision fp32"
-                        )
-                    elapsed = time.perf_counter() - window_t
-                    ips = window_images / max(elapsed, 1e-9)
-                    last_loss = mean_loss
-                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr, "images_per_s": ips}
-                    if dist.is_main:
-                        ctx.log_scalars({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": ips}, step)
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.2e}")
-                    images_done += window_images
-                    loss_sum.zero_()
-                    loss_count = 0
-                    window_t, window_images = time.perf_counter(), 0
-
-                if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    self._save(model, optimizer, scaler, step, epoch, device)
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    break
-                if step % steps_per_epoch == 0:
-                    break  # drop a trailing partial accumulation window
-            images_done += window_images
-            epoch_done = step % steps_per_epoch == 0 and step > 0
-            if epoch_done:
-                ctx.step = step
-                metrics = self._call_hooks("on_epoch_end", ctx)
-                if dist.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"epoch_end": epoch + 1, "step": step, **metrics}) + "\n")
-                    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                    ctx.log_scalars(scalars, step)
-                if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                    self._save(model, optimizer, scaler, step, epoch, device)
-
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - t_start
-        ctx.step = step
-        summary = {
-            "steps": step,
-            "total_steps": total_steps,
-            "epochs": cfg.epochs,
-            "final_loss": last_loss,
-            "effective_batch": self.effective_batch(),
-            "peak_lr": peak_lr,
-            "seconds": round(elapsed, 2),
-            "images_per_s": round(images_done / max(elapsed, 1e-9), 2),
-            "precision": self.precision.name,
-            "device": str(device),
-            "world_size": dist.world_size,
-            "bad_images": tracker.summary(),
-        }
+        ctx.step = state.step
+        summary = self._summary(schedule, state, logger, tracker)
         summary.update(self._call_hooks("on_train_end", ctx))
-        if dist.is_main:
+        if runtime.is_main:
             save_pretrained(model, self.out_dir / "model.safetensors")
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            if writer is not None:
-                writer.close()
-            bad = summary["bad_images"]
-            if bad["failed_loads"]:
-                print(f"{bad['failed_loads']} of {bad['images_seen']} image loads failed:", file=sys.stderr)
-                for line in bad["bad_files"][:20]:
-                    print(f"  {line}", file=sys.stderr)
-        barrier(dist)
+            report_bad_images(summary["bad_images"])
+        logger.close()
+        barrier(runtime.dist)
         return summary
 
-    # -- helpers -----------------------------------------------------------------------------------
+    # -- its parts --------------------------------------------------------------------------------
+
+    def schedule(self) -> Schedule:
+        """Steps per epoch (whole accumulated steps of every rank's shard), and the learning rates."""
+        per_rank = len(self.dataset) // self.runtime.dist.world_size
+        steps = per_rank // self.cfg.batch_size // self.cfg.accum_steps
+        if steps < 1:
+            raise ConfigError(
+                f"the dataset has {len(self.dataset)} images, too few for one step of "
+                f"batch {self.cfg.batch_size} x accum {self.cfg.accum_steps} x {self.runtime.dist.world_size} "
+                "processes; lower --batch-size or add images"
+            )
+        total = self.cfg.epochs * steps
+        stop = total if self.cfg.max_steps is None else min(self.cfg.max_steps, total)
+        warmup = round(self.optim_cfg.warmup_epochs * steps)
+        peak = self.optim_cfg.resolved_lr(self.effective_batch())
+        return Schedule(steps, total, stop, warmup, peak, self.optim_cfg.min_lr)
+
+    def effective_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.accum_steps * self.runtime.dist.world_size
+
+    def build_optimizer(self, peak_lr: float) -> torch.optim.Optimizer:
+        """The task's optimizer (e.g. LARS for linear probing), else AdamW, over the task's parameter groups."""
+        groups = self.task.param_groups(self.optim_cfg.weight_decay)
+        build = getattr(self.task, "build_optimizer", None)
+        if build is not None:
+            return build(groups, peak_lr, self.optim_cfg)
+        return build_adamw(groups, peak_lr, self.optim_cfg.betas)
+
+    def micro_batches(self, epoch: int, skip_steps: int, tracker: BadImageTracker) -> Generator[Batch, None, None]:
+        """This rank's micro-batches of ``epoch`` past its first ``skip_steps`` steps (a resumed epoch),
+        failed loads counted (the run stops past ``data.max_bad_fraction``), empty batches dropped."""
+        loader = build_loader(
+            self.dataset,
+            self.cfg.batch_size,
+            world_size=self.runtime.dist.world_size,
+            rank=self.runtime.dist.rank,
+            seed=self.cfg.seed,
+            num_workers=self.data.num_workers,
+            epoch=epoch,
+            skip_batches=skip_steps * self.cfg.accum_steps,
+            pin_memory=self.runtime.device.type == "cuda",
+        )
+        for batch in loader:
+            tracker.update(batch)
+            tracker.check(self.data.max_bad_fraction)
+            if batch.images.shape[0]:
+                yield batch
+
+    def train_step(
+        self, model: nn.Module, batches: Iterator[Batch], epoch: int, scaler: torch.amp.GradScaler
+    ) -> StepResult:
+        """Forward and backward over the next ``train.accum_steps`` micro-batches, summing gradients.
+
+        Each loss is divided by ``accum_steps``: the summed gradient is that of the mean loss, as
+        one batch ``accum_steps`` times bigger would give. Under DDP all but the last micro-batch run
+        in ``no_sync``, so gradients are all-reduced once a step, not once a micro-batch.
+        """
+        accum, runtime = self.cfg.accum_steps, self.runtime
+        result = StepResult([], 0, complete=False)
+        for i in range(accum):
+            batch = next(batches, None)
+            if batch is None:
+                return result
+            defer_sync = runtime.dist.enabled and i < accum - 1
+            with model.no_sync() if defer_sync else contextlib.nullcontext():
+                with runtime.autocast():
+                    loss = self.task(model, _to_device(batch, runtime.device), epoch)["loss"]
+                scaler.scale(loss / accum).backward()
+            result.losses.append(loss.detach().float())
+            result.images += batch.images.shape[0] * runtime.dist.world_size
+        result.complete = True
+        return result
+
+    def _announce(self, schedule: Schedule) -> None:
+        rt = self.runtime
+        print(
+            f"{type(self.task).__name__}: {schedule.steps_per_epoch} steps/epoch x {self.cfg.epochs} epochs, "
+            f"effective batch {self.effective_batch()}, peak lr {schedule.peak_lr:.3g}, {rt.device}, "
+            f"{rt.precision.name}, {rt.dist.world_size} process(es) -> {self.out_dir}",
+            file=sys.stderr,
+        )
 
     def _call_hooks(self, event: str, ctx: RunContext) -> dict[str, Any]:
         """Call ``event`` on every hook that has it, in order; their returned dicts merged."""
@@ -415,26 +580,21 @@ class Trainer:
                 merged.update(method(ctx) or {})
         return merged
 
-    def _writer(self):
-        if not self.dist.is_main:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=str(self.out_dir / "tb"))
-
-    def _save(self, model, optimizer, scaler, step: int, epoch: int, device: torch.device) -> None:
-        if self.dist.is_main:
-            info = {"step": step, "epoch": epoch + 1, "config": self.config}
-            path = self.out_dir / ckpt.checkpoint_name(step)
-            ckpt.save_training_state(path, model, optimizer, info, rng_state(device), scaler.state_dict())
-            ckpt.prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
-        barrier(self.dist)
-
-
-def _to_device(batch, device: torch.device):
-    if device.type == "cpu":
-        return batch
-    nb = device.type == "cuda"
-    batch.images = batch.images.to(device, non_blocking=nb)
-    batch.labels = batch.labels.to(device, non_blocking=nb)
-    return batch
+    def _summary(
+        self, schedule: Schedule, state: TrainState, logger: MetricsLogger, tracker: BadImageTracker
+    ) -> dict[str, Any]:
+        timing = logger.finish()
+        return {
+            "steps": state.step,
+            "total_steps": schedule.total_steps,
+            "epochs": self.cfg.epochs,
+            "final_loss": logger.final_loss,
+            "effective_batch": self.effective_batch(),
+            "peak_lr": schedule.peak_lr,
+            "seconds": timing["seconds"],
+            "images_per_s": timing["images_per_s"],
+            "precision": self.runtime.precision.name,
+            "device": str(self.runtime.device),
+            "world_size": self.runtime.dist.world_size,
+            "bad_images": tracker.summary(),
+        }

@@ -99,7 +99,9 @@ class HeldOutEvaluation:
         self.num_workers = num_workers
 
     def run(self, ctx: RunContext) -> dict[str, float]:
-        return evaluate(ctx.model, self.dataset, ctx.runtime, batch_size=self.settings.batch_size, num_workers=self.num_workers)
+        return evaluate(
+            ctx.model, self.dataset, ctx.runtime, batch_size=self.settings.batch_size, num_workers=self.num_workers
+        )
 
     def on_epoch_end(self, ctx: RunContext) -> dict[str, float] | None:
         every = self.settings.every

@@ -22,8 +22,8 @@ from openmae.hooks import HeldOutEvaluation, LossCurvePlot, ReconstructionHook
 from openmae.inference import evaluate
 from openmae.interop.classifier import ClassifierLayout, build_classifier, check_resumable, read_encoder
 from openmae.io import atomic_write_text
-from openmae.runtime import Runtime
 from openmae.models import create_model
+from openmae.runtime import Runtime
 from openmae.tasks import FinetuneTask, LinearProbeTask, PretrainTask
 from openmae.transforms import finetune_transform
 
@@ -61,7 +61,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     hooks.append(LossCurvePlot())
     config = to_dict(cfg)
     config["data"]["mean"], config["data"]["std"] = list(dataset.mean), list(dataset.std)
-    trainer = Trainer(task, dataset, runtime, train=cfg.train, optim=cfg.optim, data=cfg.data, config=config, hooks=hooks)
+    trainer = Trainer(
+        task, dataset, runtime, train=cfg.train, optim=cfg.optim, data=cfg.data, config=config, hooks=hooks
+    )
     return trainer.fit()
 
 
@@ -102,7 +104,7 @@ def run_protocol(protocol: str, cfg: FinetuneConfig | LinprobeConfig) -> dict[st
     trainer = Trainer(
         task, train, runtime, train=cfg.train, optim=cfg.optim, data=cfg.data, config=config, hooks=[evaluation]
     )
-    check_resumable(trainer.find_resume(), task.model)
+    check_resumable(trainer.checkpoints.resume_path(), task.model)
     summary = trainer.fit()
     metrics = {
         "protocol": protocol,
