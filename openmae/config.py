@@ -3,7 +3,9 @@
 The defaults are the built-in CPU run (a small MAE on Fashion-MNIST, a few minutes on 2 cores);
 the paper's ImageNet setups are shipped recipes (``openmae recipes``).
 
-Every field's ``help`` becomes the CLI help of ``--section.field``. A YAML recipe holds overrides only:
+Every command's settings are a dataclass read by :func:`add_config_args` and
+:func:`config_from_args`; every field's ``help`` becomes its CLI help. A YAML recipe holds
+overrides only:
 
     model: {name: mae_vit_base_patch16}
     train: {epochs: 800, batch_size: 64}
@@ -31,11 +33,37 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def opt(default: Any, help: str, alias: str | None = None, choices: tuple | None = None) -> Any:
-    meta = {"help": help, "alias": alias, "choices": choices}
+REQUIRED: Any = dataclasses.MISSING  # opt(REQUIRED, ...): no default, the flag or positional must be given
+
+
+def opt(
+    default: Any, help: str, alias: str | None = None, choices: tuple | None = None, positional: bool = False
+) -> Any:
+    """A settings field. ``help`` is its CLI help; ``alias`` another flag spelling (``--model`` for
+    ``--model.name``); ``choices`` the values it takes (argparse refuses others on the command line,
+    :func:`check_choices` in ``__post_init__`` does for recipes and Python); ``positional`` makes
+    it a positional argument (flat settings only, see :func:`add_config_args`)."""
+    meta = {"help": help, "alias": alias, "choices": choices, "positional": positional}
+    if default is REQUIRED:
+        return field(metadata=meta)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def device_opt() -> Any:
+    """The ``device`` field of every command that computes: the same default and help everywhere."""
+    return opt("auto", "auto (this rank's GPU, else CPU), cpu, cuda, cuda:N")
+
+
+def precision_opt() -> Any:
+    """The ``precision`` field of every command that computes: the same default and help everywhere."""
+    return opt(
+        "auto",
+        "auto: bf16 autocast on GPUs that support it and on CPUs where bf16 is faster, fp16 + scaler on older "
+        "GPUs, else fp32; fp32 gives exact features and losses",
+        choices=PRECISIONS,
+    )
 
 
 class ConfigError(ValueError):
@@ -45,8 +73,9 @@ class ConfigError(ValueError):
 def check_choices(section: Any, name: str) -> None:
     """Refuse any field of the dataclass ``section`` whose value is not among its declared ``choices``.
 
-    argparse checks the flags; this covers YAML recipes and Python construction. ``name`` is the
-    section's name in messages (``data`` gives ``data.augment must be one of ...``).
+    argparse checks the flags (:func:`add_config_args` gives it the choices); this covers YAML
+    recipes and Python construction. ``name`` is the section's name in messages (``data`` gives
+    ``data.augment must be one of ...``).
     """
     for f in dataclasses.fields(section):
         choices = f.metadata.get("choices")
@@ -61,7 +90,7 @@ class ModelConfig:
     mask_ratio: float = opt(0.75, "fraction of patches removed, in [0, 1)", alias="--mask-ratio")
     mask_type: str = opt("random", "mask sampler", choices=MASK_TYPES, alias="--mask")
     norm_pix_loss: bool = opt(True, "regress per-patch normalised pixels (the paper's recipe)")
-    kwargs: dict = opt({}, "other constructor overrides, e.g. {decoder_depth: 4, embed_dim: 256}")
+    kwargs: dict = opt({}, "other constructor overrides, repeatable: decoder_depth=4 or {decoder_depth: 4, depth: 6}")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -88,9 +117,9 @@ class DataConfig:
         None, "image channels (1 or 3); default 1 for the grayscale built-ins (3 repeats the gray), 3 for folders"
     )
     augment: str = opt("rrc", "rrc: RandomResizedCrop+flip; crop: fixed-size crop+flip; none; rrc_jitter", choices=AUGMENTATIONS)
-    crop_scale: list = opt([0.2, 1.0], "RandomResizedCrop area range")
-    mean: list | None = opt(None, "per-channel normalisation mean (default: the dataset's)")
-    std: list | None = opt(None, "per-channel normalisation std (default: the dataset's)")
+    crop_scale: list[float] = opt([0.2, 1.0], "RandomResizedCrop area range")
+    mean: list[float] | None = opt(None, "per-channel normalisation mean (default: the dataset's)")
+    std: list[float] | None = opt(None, "per-channel normalisation std (default: the dataset's)")
     num_workers: int = opt(2, "data-loading processes per rank")
     limit: int | None = opt(None, "use only the first N images (quick runs)")
     max_bad_fraction: float = opt(0.05, "stop when more than this fraction of images fail to load")
@@ -133,7 +162,7 @@ class OptimConfig:
     lr: float | None = opt(None, "absolute learning rate (overrides base_lr)", alias="--lr")
     min_lr: float = opt(0.0, "floor of the cosine schedule")
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, 1-D params, tokens)")
-    betas: list = opt([0.9, 0.95], "AdamW betas")
+    betas: list[float] = opt([0.9, 0.95], "AdamW betas")
     warmup_epochs: float = opt(0.25, "linear warmup length in epochs (paper: 40 of 800)", alias="--warmup-epochs")
     clip_grad: float | None = opt(None, "clip the global gradient norm to this value (off by default)")
 
@@ -155,8 +184,8 @@ class TrainConfig:
     batch_size: int = opt(256, "images per process per step (effective batch = this x accum x world)", alias="--batch-size")
     accum_steps: int = opt(1, "gradient accumulation steps", alias="--accum")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (schedule still spans epochs)")
-    precision: str = opt("auto", "auto: bf16 autocast on CPU / capable GPUs, fp16 + scaler on others", choices=PRECISIONS)
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
+    precision: str = precision_opt()
+    device: str = device_opt()
     seed: int = opt(0, "seed of data order, augmentation, masks and init", alias="--seed")
     output_dir: str = opt("runs/pretrain", "where logs, checkpoints and the summary go", alias="--output")
     save_every: int = opt(1, "save a checkpoint every N epochs")
@@ -214,13 +243,6 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs" else v
-    return out
-
-
 def resolve_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.exists():
@@ -248,9 +270,13 @@ def _unwrap_optional(tp: Any) -> Any:
 
 
 def _parse_value(text: str, tp: Any) -> Any:
-    value = yaml.safe_load(text)
+    """One command-line token as a value of type ``tp``, read as YAML (``null``, ``[a, b]``, ``{k: v}``)."""
+    return _convert(yaml.safe_load(text), text, tp)
+
+
+def _convert(value: Any, text: str, tp: Any) -> Any:
     base = _unwrap_optional(tp)
-    if value is None or base in (Any,):
+    if base is Any or (value is None and base is not tp):  # null for an optional field
         return value
     if base is bool:
         if not isinstance(value, bool):
@@ -263,41 +289,167 @@ def _parse_value(text: str, tp: Any) -> Any:
             return base(value)
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    base = typing.get_origin(base) or base
     if base in (list, dict) and not isinstance(value, base):
         raise argparse.ArgumentTypeError(f"expected a {base.__name__} like {'[a, b]' if base is list else '{k: v}'}, got {text!r}")
     return value
 
 
+def _parse_items(text: str, item: Any) -> list | None:
+    """One token of a list flag: an item (``0.5``) or a YAML list of items (``[0.5, 0.5]``)."""
+    value = yaml.safe_load(text)
+    if value is None:
+        return None  # `--data.mean null`: back to the default
+    if isinstance(value, list):
+        return [_convert(v, str(v), item) for v in value]
+    return [_convert(value, text, item)]
+
+
+def _parse_entries(text: str) -> dict:
+    """One token of a mapping flag: ``KEY=VALUE`` (VALUE read as YAML) or a YAML mapping ``{k: v}``."""
+    key, sep, value = text.partition("=")
+    if sep and key.strip().isidentifier():
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-6 as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        return {key.strip(): parsed}
+    mapping = yaml.safe_load(text)
+    if not isinstance(mapping, dict):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE or a mapping like {{k: v}}, got {text!r}")
+    return mapping
+
+
+class _Items(argparse.Action):
+    """A list flag's tokens, each an item or a list of items, joined in order."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list, option_string: str | None
+    ) -> None:
+        joined = None if values == [None] else [item for items in values for item in items or ()]
+        setattr(namespace, self.dest, joined)
+
+
+class _Entries(argparse.Action):
+    """A repeatable mapping flag: each occurrence adds its entries, later keys win."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: dict, option_string: str | None
+    ) -> None:
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), **values})
+
+
+def _argument(f: dataclasses.Field, tp: Any, flat: bool) -> dict[str, Any]:
+    """argparse keywords for the field ``f`` of type ``tp`` (see :func:`add_config_args`)."""
+    base = _unwrap_optional(tp)
+    origin = typing.get_origin(base) or base
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        default = REQUIRED if f.default_factory is dataclasses.MISSING else f.default_factory()
+    text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+    if flat and base is bool and default is not None:
+        # a switch: an optional value would take the positional that follows (inspect --json PATH)
+        help = f"do not {text}" if default else text
+        return {"default": argparse.SUPPRESS, "help": help, "action": "store_const", "const": not default}
+    help = text
+    if default is not REQUIRED and not f.metadata.get("positional") and "(default:" not in text:
+        help = f"{text} (default: {default})"
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help}
+    if origin is list:
+        item = (typing.get_args(base) or (Any,))[0]
+        kw.update(nargs="+", action=_Items, type=lambda s, item=item: _parse_items(s, item))
+    elif origin is dict:
+        kw.update(action=_Entries, type=_parse_entries, metavar="KEY=VALUE")
+    else:
+        kw.update(type=lambda s, tp=tp: _parse_value(s, tp))
+    if base is bool:
+        kw["metavar"] = "{true,false}"
+        if not flat:
+            kw.update(nargs="?", const=True)  # --eval-only alone means true
+    if f.metadata.get("choices"):
+        kw["choices"] = f.metadata["choices"]  # argparse refuses other values and lists these in --help
+    else:
+        kw.setdefault("metavar", f.name.upper())
+    if f.metadata.get("positional"):
+        # no recipe gives a positional, so an absent optional one takes the field's default
+        kw.update(default=default, metavar=f.name.upper(), nargs=None if default is REQUIRED else "?")
+    elif default is REQUIRED:
+        kw["required"] = True
+    return kw
+
+
+def _flat_flags(f: dataclasses.Field, tp: Any) -> list[str]:
+    name = f.name.replace("_", "-")
+    if _unwrap_optional(tp) is bool and f.default is True:
+        name = f"no-{name}"  # the switch turns it off
+    return [f"--{name}"]
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type = PretrainConfig) -> None:
-    """Add ``--section.field`` flags (and short aliases) for every field of a config dataclass."""
-    parser.add_argument("--config", help="YAML recipe: a path or a shipped name (see `openmae recipes`)")
-    for section, section_tp in _field_types(cls).items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(section_tp):
-            tp = _field_types(section_tp)[f.name]
-            flags = [f"--{section}.{f.name}"]
-            if f.metadata.get("alias"):
-                flags.append(f.metadata["alias"])
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            group.add_argument(
-                *flags,
-                dest=f"{section}.{f.name}",
-                type=lambda s, tp=tp: _parse_value(s, tp),
-                default=argparse.SUPPRESS,
-                metavar=f.name.upper() if _unwrap_optional(tp) is not bool else "BOOL",
-                help=f"{f.metadata.get('help', '')} (default: {default})",
-            )
+    """Add the command-line arguments of the settings dataclass ``cls``.
+
+    A field that is itself a dataclass is a section: its fields become ``--section.field`` flags
+    (one help group per section), and ``--config`` reads a YAML recipe of sections. Any other field
+    is flat: a flag ``--field-name``, or with ``opt(positional=True)`` a positional argument
+    (optional when it has a default). A field's ``alias`` is a second spelling of its flag, and
+    argparse gets its declared ``choices``. By type:
+
+    - ``list[T]``: one or more values, ``--mean 0.5 0.5 0.5`` (a YAML list ``"[0.5, 0.5]"`` too);
+    - ``dict``: repeatable, each ``KEY=VALUE`` or a YAML mapping, merged in order
+      (``--set num_heads=6 --set norm_pix_loss=true``); a recipe's entries are kept unless a flag
+      gives the same key;
+    - ``bool`` in a section: ``--section.field [BOOL]``, the flag alone meaning true (``--eval-only``);
+    - ``bool`` in flat settings: a switch that flips the default (``--json``, or ``--no-progress``
+      for a field that defaults to true); a ``bool | None`` field takes ``true``/``false``;
+    - anything else: one value, read as YAML and converted to the field's type.
+    """
+    hints = _field_types(cls)
+    if any(_is_section(tp) for tp in hints.values()):
+        parser.add_argument(
+            "--config",
+            help="YAML recipe: a path or a shipped name (see `openmae recipes`); "
+            "settings are dataclass defaults < recipe < flags",
+        )
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if not _is_section(tp):
+            kw = _argument(f, tp, flat=True)
+            if f.metadata.get("positional"):
+                parser.add_argument(f.name, **kw)
+            else:
+                aliases = [f.metadata["alias"]] if f.metadata.get("alias") else []
+                parser.add_argument(*_flat_flags(f, tp), *aliases, dest=f.name, **kw)
+            continue
+        group = parser.add_argument_group(f.name)
+        section_hints = _field_types(tp)
+        for sf in dataclasses.fields(tp):
+            flags = [f"--{f.name}.{sf.name}"]
+            if sf.metadata.get("alias"):
+                flags.append(sf.metadata["alias"])
+            group.add_argument(*flags, dest=f"{f.name}.{sf.name}", **_argument(sf, section_hints[sf.name], flat=False))
 
 
 def config_from_args(args: argparse.Namespace, cls: type = PretrainConfig) -> Any:
-    """Defaults < recipe < flags; validation runs in each section's ``__post_init__``."""
+    """The settings ``cls`` from parsed arguments: defaults < recipe < flags; validation runs in
+    each dataclass's ``__post_init__``."""
     data: dict[str, Any] = load_recipe(args.config) if getattr(args, "config", None) else {}
-    for key, value in vars(args).items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            data.setdefault(section, {})
-            if name == "kwargs" and isinstance(value, dict):
-                data[section][name] = {**data[section].get(name, {}), **value}
-            else:
-                data[section][name] = value
+    given = vars(args)
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if not _is_section(tp):
+            if f.name in given:
+                data[f.name] = given[f.name]
+            continue
+        section = dict(data.get(f.name) or {})
+        for sf in dataclasses.fields(tp):
+            value = given.get(f"{f.name}.{sf.name}", dataclasses.MISSING)
+            if value is dataclasses.MISSING:
+                continue
+            recipe = section.get(sf.name)
+            section[sf.name] = {**recipe, **value} if isinstance(value, dict) and isinstance(recipe, dict) else value
+        data[f.name] = section
     return from_dict(cls, data)
