@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 from openmae.config import (
     GLOBAL_POOLS,
-    PRECISIONS,
     ConfigError,
     DataConfig,
     OptimConfig,
     TrainConfig,
     check_choices,
+    device_opt,
     opt,
+    precision_opt,
 )
 
 
@@ -58,11 +59,10 @@ class EncoderConfig:
         choices=GLOBAL_POOLS, alias="--pool",
     )
     drop_path_rate: float = opt(0.1, "stochastic depth rate of the last block (paper: 0.1 B, 0.2 L, 0.3 H)", alias="--drop-path")
-    kwargs: dict = opt({}, "other constructor overrides, e.g. {num_heads: 4} for a file that does not record it")
+    kwargs: dict = opt({}, "constructor overrides a file does not record, repeatable: num_heads=4 or {num_heads: 4}")
 
     def __post_init__(self) -> None:
-        if self.global_pool not in (*GLOBAL_POOLS, "auto"):
-            raise ConfigError(f"model.global_pool must be avg or token, got {self.global_pool!r}")
+        check_choices(self, "model")  # global_pool: avg or token here, auto too for the probes
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.name is not None:
@@ -102,24 +102,29 @@ class EvalSettings:
             raise ConfigError(f"eval.crop_pct must be in (0, 1], got {self.crop_pct}")
 
 
+@dataclass
+class ProtocolData(DataConfig):
+    """Labelled data of fine-tuning and linear probing; each protocol declares its augmentations."""
+
+    crop_scale: list[float] = opt([0.08, 1.0], "RandomResizedCrop area range (paper: [0.08, 1.0])")
+
+
 # -- fine-tuning ----------------------------------------------------------------------------
 
 
 @dataclass
-class FinetuneData(DataConfig):
+class FinetuneData(ProtocolData):
     augment: str = opt(
         "none", "rrc: the fine-tuning recipe, built by timm (RandomResizedCrop(crop_scale) + flip + RandAugment + "
         "random erasing; the paper's); none: no augmentation (the short CPU default)", choices=("rrc", "none"),
     )
-    crop_scale: list = opt([0.08, 1.0], "RandomResizedCrop area range (paper: [0.08, 1.0])")
 
 
 @dataclass
 class FinetuneOptim(OptimConfig):
     base_lr: float = opt(4e-3, "lr = base_lr * effective batch / 256 (paper: 5e-4 B, 1e-3 L/H)", alias="--blr")
     min_lr: float = opt(1e-6, "floor of the cosine schedule")
-    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, 1-D params, tokens)")
-    betas: list = opt([0.9, 0.999], "AdamW betas")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     warmup_epochs: float = opt(0.5, "linear warmup length in epochs (paper: 5)", alias="--warmup-epochs")
 
 
@@ -186,9 +191,8 @@ class FinetuneConfig:
 
 
 @dataclass
-class LinprobeData(DataConfig):
+class LinprobeData(ProtocolData):
     augment: str = opt("none", "rrc: RandomResizedCrop+flip (paper); crop: fixed-size crop+flip; none", choices=("rrc", "crop", "none"))
-    crop_scale: list = opt([0.08, 1.0], "RandomResizedCrop area range (paper: [0.08, 1.0])")
 
 
 @dataclass
@@ -228,6 +232,10 @@ class LinprobeConfig:
     linprobe: LinprobeSettings = field(default_factory=LinprobeSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
+    def __post_init__(self) -> None:
+        if self.model.drop_path_rate:
+            raise ConfigError("linear probing keeps the encoder frozen: drop --model.drop_path_rate")
+
 
 # -- kNN ---------------------------------------------------------------------------------------
 
@@ -253,8 +261,8 @@ class KNNSettings:
 @dataclass
 class RunSettings:
     output_dir: str = opt("runs/knn", "where metrics.json and the run's config go", alias="--output")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
-    precision: str = opt("auto", "auto: bf16 autocast on CPU / capable GPUs; fp32 for exact features", choices=PRECISIONS)
+    device: str = device_opt()
+    precision: str = precision_opt()
     seed: int = opt(0, "seed (random initialisation of a model without checkpoint)", alias="--seed")
     progress: bool = opt(True, "show a progress bar")
 
