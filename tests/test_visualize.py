@@ -447,6 +447,7 @@ def test_cli_end_to_end_on_a_photo(tmp_path, capsys):
     args = [
         "reconstruct", str(photos), "--checkpoint", str(ckpt), "--out", str(out),
         "--mask-ratio", "0.5", "0.75", "0.9", "--seed", "7",
+        "--device", "cpu",  # the device this was written for: auto would take a GPU where there is one
     ]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -2,61 +2,42 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-import yaml
-
+from openmae.config import REQUIRED, check_choices, opt
 from openmae.interop import FORMATS
 
+DESCRIPTION = "Read SRC in any supported format (detected) and write it to DST in the --to format."
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert weights between openmae, official MAE, Hugging Face ViTMAE and timm",
-        description="Read SRC in any supported format (detected) and write it to DST in the --to format.",
+
+@dataclass
+class ConvertSettings:
+    """Settings of ``openmae convert``."""
+
+    src: str = opt(REQUIRED, "checkpoint file or directory", positional=True)
+    dst: str = opt(
+        REQUIRED, "output file (.safetensors / .pth) or directory (hf, or a timm/openmae folder)", positional=True
     )
-    p.add_argument("src", help="checkpoint file or directory")
-    p.add_argument("dst", help="output file (.safetensors / .pth) or directory (hf, or a timm/openmae folder)")
-    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    p.add_argument("--model", help="registered model to load into, for files that record no architecture")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="constructor override, e.g. --set num_heads=6 --set norm_pix_loss=true (repeatable)",
+    to: str = opt(REQUIRED, "output format", choices=FORMATS)
+    model: str | None = opt(None, "registered model to load into, for files that record no architecture")
+    overrides: dict = opt(
+        {}, "constructor override, e.g. --set num_heads=6 --set norm_pix_loss=true (repeatable)", alias="--set"
     )
-    p.add_argument("--key-style", choices=("v4", "v5"), default="v4", help="hf key names: v4 (hub) or v5")
-    p.set_defaults(func=run)
+    key_style: str = opt("v4", "hf key names: v4 (hub) or v5", choices=("v4", "v5"))
+
+    def __post_init__(self) -> None:
+        check_choices(self, "convert")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        value = yaml.safe_load(text)
-        if isinstance(value, str):  # YAML reads 1e-6 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        out[key.strip()] = value
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
+def run(s: ConvertSettings) -> str:
     from openmae.interop import create_model, export_pretrained, load, load_weights_into
 
-    overrides = parse_overrides(args.set)
-    if args.model:
-        model = create_model(args.model, **overrides)
-        report = load_weights_into(model, args.src)
+    if s.model:
+        model = create_model(s.model, **s.overrides)
+        report = load_weights_into(model, s.src)
     else:
-        model, report = load(args.src, **overrides)
+        model, report = load(s.src, **s.overrides)
     print(report.summary())
-    options = {"key_style": args.key_style} if args.to == "hf" else {}
-    written = export_pretrained(model, args.dst, format=args.to, **options)
-    print(f"wrote {args.to}: {written}")
-    return 0
+    options = {"key_style": s.key_style} if s.to == "hf" else {}
+    written = export_pretrained(model, s.dst, format=s.to, **options)
+    return f"wrote {s.to}: {written}"

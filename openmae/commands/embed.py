@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from openmae.config import REQUIRED, check_choices, device_opt, opt, precision_opt
+
+DESCRIPTION = (
+    "Encode every image under a folder (recursively, sorted by path) with a frozen encoder. .safetensors: tensor "
+    "'features' (N, D) and metadata 'openmae', JSON with 'paths' and how they were made; .npy: the (N, D) array, "
+    "and the paths one per line in NAME.paths.txt. Deterministic: the same inputs and settings give the same bytes "
+    "(--precision fp32 gives exact features)."
+)
 EXAMPLES = """examples:
   openmae embed photos/ --checkpoint runs/pretrain --out photos.safetensors
   openmae embed photos/ --checkpoint mae_pretrain_vit_base.pth --pool avg --out photos.npy   # + photos.paths.txt
@@ -19,47 +27,41 @@ EXAMPLES = """examples:
 OUTPUT_SUFFIXES = (".safetensors", ".npy")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "embed",
-        help="features of a folder of images, to safetensors or .npy",
-        description="Encode every image under a folder (recursively, sorted by path) with a frozen encoder. "
-        ".safetensors: tensor 'features' (N, D) and metadata 'openmae', JSON with 'paths' and how they were made; "
-        ".npy: the (N, D) array, and the paths one per line in NAME.paths.txt. Deterministic: the same "
-        "inputs and settings give the same bytes.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+@dataclass
+class EmbedSettings:
+    """Settings of ``openmae embed``."""
+
+    folder: str = opt(REQUIRED, "folder of images (searched recursively)", positional=True)
+    out: str = opt(REQUIRED, "output file: .safetensors or .npy")
+    checkpoint: str | None = opt(None, "the encoder: anything openmae.load_pretrained reads")
+    model: str | None = opt(None, "architecture for a random-initialisation baseline (no --checkpoint)")
+    pool: str = opt(
+        "auto", "token: the cls token; avg: the mean patch token; auto: token where the encoder has a cls token, "
+        "else avg (ConvMAE)", choices=("auto", "token", "avg"),
     )
-    p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, help="output file: .safetensors or .npy")
-    p.add_argument("--checkpoint", help="the encoder: anything openmae.load_pretrained reads")
-    p.add_argument("--model", help="architecture for a random-initialisation baseline (no --checkpoint)")
-    p.add_argument("--pool", choices=("auto", "token", "avg"), default="auto",
-                   help="token: the cls token; avg: the mean patch token; auto (default): token where the encoder "
-                   "has a cls token, else avg (ConvMAE)")
-    p.add_argument("--img-size", type=int, help="input resolution (default: the checkpoint's)")
-    p.add_argument("--crop-pct", type=float, default=1.0, help="resize to img_size / crop_pct, then center-crop")
-    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean (default: the checkpoint's run, "
-                   "else ImageNet for RGB, Fashion-MNIST for grayscale)")
-    p.add_argument("--std", type=float, nargs="+", help="normalisation std (see --mean)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (does not change the result)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
-                   help="fp32 (default) for exact features; bf16/fp16 autocast for speed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    img_size: int | None = opt(None, "input resolution (default: the checkpoint's)")
+    crop_pct: float = opt(1.0, "resize to img_size / crop_pct, then center-crop")
+    mean: list[float] | None = opt(
+        None, "normalisation mean (default: the checkpoint's run, else ImageNet for RGB, Fashion-MNIST for grayscale)"
+    )
+    std: list[float] | None = opt(None, "normalisation std (see --mean)")
+    batch_size: int = opt(64, "images per batch (does not change the result)")
+    precision: str = precision_opt()
+    device: str = device_opt()
+    num_workers: int = opt(2, "data-loading processes")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_choices(self, "embed")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(s: EmbedSettings) -> str:
     out = embed_folder(
-        args.folder, args.out, checkpoint=args.checkpoint, model_name=args.model, pool=args.pool,
-        img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean, std=args.std, batch_size=args.batch_size,
-        precision=args.precision, device=args.device, num_workers=args.num_workers, progress=not args.no_progress,
+        s.folder, s.out, checkpoint=s.checkpoint, model_name=s.model, pool=s.pool, img_size=s.img_size,
+        crop_pct=s.crop_pct, mean=s.mean, std=s.std, batch_size=s.batch_size, precision=s.precision, device=s.device,
+        num_workers=s.num_workers, progress=s.progress,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"embed: {out['count']} x {out['dim']} features in {out['path']}", file=sys.stderr)
-    return 0
+    return f"embed: {out['count']} x {out['dim']} features in {out['path']}"
 
 
 def _normalization(checkpoint: str | None, channels: int) -> tuple[list[float], list[float]]:
@@ -87,7 +89,7 @@ def embed_folder(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     batch_size: int = 64,
-    precision: str = "fp32",
+    precision: str = "auto",
     device: str = "auto",
     num_workers: int = 0,
     progress: bool = False,
@@ -95,7 +97,7 @@ def embed_folder(
     """Encode every image under ``folder`` and write features and paths to ``out``.
 
     Returns ``{"path", "count", "dim", "failed"}``; files that cannot be decoded are left out
-    and listed in ``failed``.
+    and listed in ``failed``. ``precision="fp32"`` gives exact features; ``auto`` may pick bf16.
     """
     from openmae.config import ConfigError
     from openmae.data import ImageDataset, find_images

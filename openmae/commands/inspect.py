@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
+
+from openmae.config import REQUIRED, opt
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="describe a checkpoint: format, architecture, decoder, norm-pix, parameter count",
+@dataclass
+class InspectSettings:
+    """Settings of ``openmae inspect``."""
+
+    path: str = opt(
+        REQUIRED, "checkpoint file or directory (openmae, official MAE, Hugging Face, timm)", positional=True
     )
-    p.add_argument("path", help="checkpoint file or directory (openmae, official MAE, Hugging Face, timm)")
-    p.add_argument("--json", action="store_true", help="print the description as JSON")
-    p.set_defaults(func=run)
+    json: bool = opt(False, "print the description as JSON")
 
 
 def _yes_no(value: bool | None) -> str:
     return "unknown (not recorded)" if value is None else ("yes" if value else "no")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(s: InspectSettings) -> None:
     from openmae.interop import inspect_checkpoint
 
-    info = inspect_checkpoint(args.path)
-    if args.json:
+    info = inspect_checkpoint(s.path)
+    if s.json:
         print(json.dumps(info, indent=2, default=str))
-        return 0
+        return
     c = info["config"]
     print(f"path:          {info['path']}")
     print(f"format:        {info['format']} ({info['kind']})")
@@ -54,4 +56,3 @@ def run(args: argparse.Namespace) -> int:
     )
     for note in info["notes"]:
         print(f"note:          {note}")
-    return 0

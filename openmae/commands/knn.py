@@ -2,46 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from typing import Any
 
-from openmae.config import add_config_args, config_from_args, to_dict
+from openmae.commands import accuracy_summary
+from openmae.config import to_dict
 from openmae.eval_config import KNNConfig
 
+DESCRIPTION = (
+    "Classify the held-out split by a weighted vote of its k nearest training images (cosine similarity of frozen "
+    "features, weights exp(sim / T)); writes OUTPUT/metrics.json."
+)
 EXAMPLES = """examples:
   openmae knn --checkpoint runs/pretrain                 # Fashion-MNIST: 60k memory bank, 10k queries
   openmae knn --model vit_micro_patch4                   # the default architecture at random initialisation
   openmae knn --checkpoint mae_pretrain_vit_base.pth --data /datasets/imagenet --img-size 224 --knn.crop_pct 0.875
 """
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "knn",
-        help="weighted kNN accuracy of frozen features",
-        description="Classify the held-out split by a weighted vote of its k nearest training images "
-        "(cosine similarity of frozen features, weights exp(sim / T)); writes OUTPUT/metrics.json. "
-        "Settings: dataclass defaults < --config recipe < flags.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(p, KNNConfig)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, KNNConfig)
-    metrics = run_knn(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"knn (k={cfg.knn.k}): top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on "
-            f"{metrics['images']} held-out images; {cfg.run.output_dir}/metrics.json",
-            file=sys.stderr,
-        )
-    return 0
 
 
 def run_knn(cfg: KNNConfig) -> dict[str, Any]:
@@ -90,3 +67,7 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
         write_metrics(cfg.run.output_dir, metrics)
     barrier(runtime.dist)
     return metrics
+
+
+def run(cfg: KNNConfig) -> str:
+    return accuracy_summary(f"knn (k={cfg.knn.k})", run_knn(cfg), cfg.run.output_dir)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+
+from openmae.config import opt
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list registered models")
-    p.add_argument("pattern", nargs="?", default="", help="substring filter")
-    p.set_defaults(func=run)
+@dataclass
+class ModelsSettings:
+    """Settings of ``openmae models``."""
+
+    pattern: str = opt("", "substring filter", positional=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(s: ModelsSettings) -> None:
     from openmae.models import list_models, model_factory
 
-    for name in list_models(args.pattern):
+    for name in list_models(s.pattern):
         print(f"{name:28s} {model_factory(name).__doc__ or ''}")
-    return 0

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from typing import Any
 
+from openmae.config import PretrainConfig
 
-from openmae.config import PretrainConfig, add_config_args, config_from_args
-
+DESCRIPTION = "Pretrain a masked autoencoder."
 EXAMPLES = """examples:
   openmae pretrain                                   # small MAE on built-in Fashion-MNIST, ~5 min on 2 CPU cores
   openmae pretrain --data ~/photos --img-size 64 --model mae_vit_tiny_patch16 --output runs/photos
@@ -18,32 +15,16 @@ EXAMPLES = """examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain a masked autoencoder",
-        description="Pretrain a masked autoencoder. Settings: dataclass defaults < --config recipe < flags.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_args(p, PretrainConfig)
-    p.set_defaults(func=run)
-
-
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain as configured; returns the run summary (also written to ``summary.json``)."""
-    from openmae.runs import run_pretrain as run
+    from openmae.runs import run_pretrain as pretrain
 
-    return run(cfg)
+    return pretrain(cfg)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, PretrainConfig)
+def run(cfg: PretrainConfig) -> str:
     summary = run_pretrain(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-            f"{summary['images_per_s']:.0f} images/s; outputs in {cfg.train.output_dir}",
-            file=sys.stderr,
-        )
-    return 0
+    return (
+        f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+        f"{summary['images_per_s']:.0f} images/s; outputs in {cfg.train.output_dir}"
+    )

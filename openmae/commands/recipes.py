@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+
+from openmae.config import CONFIG_DIR, opt, resolve_recipe
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recipes", help="list shipped YAML recipes, or print one")
-    p.add_argument("name", nargs="?", help="recipe to print")
-    p.set_defaults(func=run)
+@dataclass
+class RecipesSettings:
+    """Settings of ``openmae recipes``."""
+
+    name: str | None = opt(None, "recipe to print", positional=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    from openmae.config import CONFIG_DIR, resolve_recipe
-
-    if args.name:
-        print(resolve_recipe(args.name).read_text(), end="")
-        return 0
+def run(s: RecipesSettings) -> None:
+    if s.name:
+        print(resolve_recipe(s.name).read_text(), end="")
+        return
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         first = path.read_text().splitlines()[0].lstrip("# ") if path.read_text() else ""
         print(f"{path.stem:24s} {first}")
-    return 0
