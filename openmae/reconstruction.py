@@ -18,9 +18,10 @@ the prediction, and the figure says which:
 
 Models trained on raw pixels (``norm_pix_loss=False``) need none of this; their mode is ``"pixels"``.
 
-Figures are drawn by :mod:`openmae.visualize`. Everything here uses only the MAE model interface (``forward(images, mask_ratio, noise=, mask=)`` ->
-``MAEOutput``, ``patchify`` / ``unpatchify``, ``norm_pix_loss``, ``grid_size``, ``num_patches``,
-``in_chans``, ``img_size``, ``patch_size``), so it works for any model in the registry.
+Figures are drawn by :mod:`openmae.visualize`. Everything here uses only the MAE model interface
+(``forward(images, mask_ratio, noise=, mask=)`` -> ``MAEOutput``, ``patchify`` / ``unpatchify``,
+``norm_pix_loss``, ``grid_size``, ``num_patches``, ``in_chans``, ``img_size``, ``patch_size``), so it
+works for any masked-image model in the registry.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def load_reconstruction_model(path: str | os.PathLike, **overrides: Any) -> nn.M
         raise DecoderMissingError(decoder_missing_message(f"{path} ({weights.kind}) has no decoder.* weights"))
     missing = [k for k in DECODER_KEYS if not any(name.startswith(k) for name in weights.state)]
     if missing:
-        raise DecoderMissingError(decoder_missing_message(f"{path}: decoder weights not in the file: {', '.join(missing)}"))
+        detail = f"{path}: decoder weights not in the file: {', '.join(missing)}"
+        raise DecoderMissingError(decoder_missing_message(detail))
     model = load_pretrained(path, **overrides)
     require_decoder(model, source=str(path))
     return model
@@ -154,7 +156,8 @@ def checkpoint_normalization(path: str | os.PathLike) -> tuple[list[float], list
 def _floats(value: Any) -> list[float] | None:
     """A per-channel list of numbers (one number counts as one channel), else None."""
     values = [value] if isinstance(value, (int, float)) else value
-    if isinstance(values, list) and values and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+    numbers = isinstance(values, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)
+    if numbers and values:
         return [float(x) for x in values]
     return None
 

@@ -75,7 +75,9 @@ def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
 
 
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:
-    return {"model": model.arch, "pool": model.global_pool, "fc_norm": model.use_fc_norm, "num_classes": model.num_classes}
+    return {
+        "model": model.arch, "pool": model.global_pool, "fc_norm": model.use_fc_norm, "num_classes": model.num_classes
+    }
 
 
 def run_protocol(protocol: str, cfg: FinetuneConfig | LinprobeConfig) -> dict[str, Any]:

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from openmae.checkpoint import latest_checkpoint, load_training_state
-from openmae.io import read_safetensors
 from openmae.cli import main
 from openmae.commands.pretrain import run_pretrain
 from openmae.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from openmae.io import read_safetensors
 from openmae.optim import cosine_lr, param_groups
 
 TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import openmae
-from openmae.io import read_safetensors
 from openmae.cli import main
 from openmae.commands.embed import embed_folder
 from openmae.commands.finetune import run_finetune
@@ -41,6 +40,7 @@ from openmae.eval_config import (
 )
 from openmae.hooks import KNNMonitor
 from openmae.inference import knn_classify, topk_correct
+from openmae.io import read_safetensors
 from openmae.tasks import FinetuneTask, LinearProbeTask
 
 ENCODER = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
@@ -328,8 +328,7 @@ def test_embed_is_deterministic_and_lists_paths(tmp_path, mae_file):
     assert (tmp_path / "d.paths.txt").read_text().splitlines() == paths
     # the features are the encoder's: the MAE's cls token after its final norm
     mae = openmae.load_pretrained(mae_file).eval()
-    from openmae.data import load_image
-    from openmae.data import default_normalization
+    from openmae.data import default_normalization, load_image
     from openmae.transforms import eval_transform
 
     x = eval_transform(16, *default_normalization(1))(load_image(paths[0], 1)).unsqueeze(0)

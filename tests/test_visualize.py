@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import openmae
+from openmae.data import DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
 from openmae.io import model_record, read_safetensors
 from openmae.models.mae import MaskedAutoencoder
 from openmae.models.vit import ViTEncoder
-from openmae.data import DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
 from openmae.reconstruction import (
     MASK_FILL,
     DecoderMissingError,

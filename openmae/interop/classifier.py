@@ -154,7 +154,9 @@ def build_classifier(
     return model
 
 
-def build_feature_model(model_cfg: EncoderConfig, weights: Weights | None, *, img_size: int, in_chans: int) -> nn.Module:
+def build_feature_model(
+    model_cfg: EncoderConfig, weights: Weights | None, *, img_size: int, in_chans: int
+) -> nn.Module:
     """A headless classifier whose output is the feature ``model_cfg.global_pool`` selects.
 
     Pretrained encoders give the cls token or the mean patch token after their final norm; a
