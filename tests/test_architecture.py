@@ -115,3 +115,54 @@ def test_models_import_only_models_and_leaves():
 
 def test_training_state_does_not_read_foreign_formats():
     assert not {d for d in GRAPH["openmae.checkpoint"] if d.startswith("openmae.interop")}
+
+
+# -- the README's layout is drawn from the code -----------------------------------------------------
+
+README = ROOT.parent / "README.md"
+
+
+def layout_block() -> str:
+    text = README.read_text()
+    start = text.index("```", text.index("## Layout"))
+    return text[start + 3 : text.index("```", start + 3)]
+
+
+def top_unit(module: str) -> str:
+    """The README line a module belongs to: its top-level module, or its subpackage (``models/``)."""
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and MODULES[module].name == "__init__.py"):
+        return parts[1] + "/"
+    return parts[1] + ".py"
+
+
+def test_readme_layout_names_every_module():
+    block = layout_block()
+    for name, path in MODULES.items():
+        if name in ("openmae", "openmae.__main__") or name.startswith("openmae.commands."):
+            continue  # the package itself; commands are named by `openmae --help`
+        assert path.name in block, f"README's layout does not name {path.relative_to(ROOT.parent)}"
+        assert top_unit(name) in block
+
+
+def test_readme_layout_is_bottom_up():
+    """Every module imports only what an earlier line of the layout (or its own line) holds."""
+    import re
+
+    order: list[str] = []
+    units = {top_unit(n) for n in MODULES if n not in ("openmae", "openmae.__main__")}
+    for line in layout_block().splitlines():
+        head = re.match(r"\s{2}(\S+)", line)  # a line's own unit stands first, two spaces in
+        if head and head.group(1) in units and head.group(1) not in order:
+            order.append(head.group(1))
+    assert set(order) == units, f"layout lines missing for {sorted(units - set(order))}"
+    rank = {unit: i for i, unit in enumerate(order)}
+    for name, deps in GRAPH.items():
+        if name in ("openmae", "openmae.__main__"):
+            continue
+        for dep in deps:
+            if dep == "openmae":
+                continue
+            assert rank[top_unit(dep)] <= rank[top_unit(name)], (
+                f"{name} imports {dep}, which README's layout lists below it"
+            )

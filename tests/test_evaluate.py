@@ -274,6 +274,7 @@ def test_knn_command_and_random_baseline(tmp_path, mae_file):
 
     pretrained = run_knn(cfg(tmp_path / "a", str(mae_file)))
     assert pretrained["memory"] == 128 and pretrained["images"] == 128 and pretrained["model"] == "vit_tiny_patch4"
+    assert pretrained["pool"] == "token"  # what --pool auto resolved to for a ViT, not "auto"
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["top1"] == pretrained["top1"]
     assert (tmp_path / "a" / "config.yaml").exists()
     random_init = run_knn(cfg(tmp_path / "b", None))
