@@ -34,7 +34,7 @@ def register_variant(
     The factory takes constructor overrides, drops the arguments named in ``ignore`` (those of a
     related model with no place in ``cls``, so that ``create_model("vit_base_patch16",
     **mae.config)`` builds an MAE's classifier) and sets ``model.arch = name``. It carries
-    ``defaults`` and a one-line ``__doc__`` (what ``openmae models`` prints).
+    ``defaults``, its class (``cls``) and a one-line ``__doc__`` (what ``openmae models`` prints).
 
     Args:
         cls: the model class; its constructor takes keyword arguments only from here.
@@ -53,6 +53,7 @@ def register_variant(
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"{cls.__name__} {name}: " + ", ".join(f"{k}={v}" for k, v in defaults.items())
     factory.defaults = dict(defaults)
+    factory.cls = cls
     register_model(factory)
     _NAMES_BY_CLASS.setdefault(cls, []).append(name)
     return factory

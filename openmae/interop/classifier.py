@@ -62,7 +62,7 @@ def _architecture(model_cfg: EncoderConfig, weights) -> tuple[str, dict[str, Any
             "(mae_vit_* / vit_* and convmae_* / convvit_* encoders, official MAE, Hugging Face ViTMAE or timm "
             "ViT checkpoints)"
         )
-    encoder = {k: v for k, v in cfg.items() if k in classifier_args()}
+    encoder = {k: v for k, v in cfg.items() if k in classifier_args(name)}
     if wanted is not None and wanted != name:
         defaults = classifier_defaults(wanted)
         if _shape(defaults) != _shape({**classifier_defaults(name), **encoder}):

@@ -186,15 +186,17 @@ def classifier_name(arch: str) -> str | None:
     return None
 
 
-def classifier_args() -> dict[str, Any]:
-    """The constructor arguments of :class:`VisionTransformer` and their defaults."""
-    params = inspect.signature(VisionTransformer.__init__).parameters
-    return {name: p.default for name, p in params.items() if name != "self"}
+def classifier_args(name: str | None = None) -> dict[str, Any]:
+    """The constructor arguments of a registered classifier's class (default: :class:`VisionTransformer`)
+    and their defaults."""
+    cls = model_factory(name).cls if name is not None else VisionTransformer
+    params = inspect.signature(cls.__init__).parameters
+    return {arg: p.default for arg, p in params.items() if arg not in ("self", "args", "kwargs")}
 
 
 def classifier_defaults(name: str) -> dict[str, Any]:
     """The constructor arguments a registered classifier is built with, without building it."""
-    return {**classifier_args(), **model_factory(name).defaults}
+    return {**classifier_args(name), **model_factory(name).defaults}
 
 
 __all__ = [
