@@ -171,12 +171,13 @@ for _name, _defaults in _VARIANTS.items():
 
 
 # Pretraining-model prefix -> the prefix of its classifier (the encoder with a head).
-CLASSIFIER_FAMILIES = {"mae_vit_": "vit_", "convmae_": "convvit_"}
+CLASSIFIER_FAMILIES = {"mae_vit_": "vit_", "convmae_": "convvit_", "simmim_swin_": "swin_"}
 
 
 def classifier_name(arch: str) -> str | None:
     """The registered classifier for a pretraining architecture (``mae_vit_base_patch16`` ->
-    ``vit_base_patch16``, ``convmae_base_patch16`` -> ``convvit_base_patch16``), the name itself
+    ``vit_base_patch16``, ``convmae_base_patch16`` -> ``convvit_base_patch16``,
+    ``simmim_swin_tiny_patch4_window7`` -> ``swin_tiny_patch4_window7``), the name itself
     for a classifier, None when there is none."""
     names = set(list_models())
     candidates = [arch] + [c + arch.removeprefix(p) for p, c in CLASSIFIER_FAMILIES.items() if arch.startswith(p)]
