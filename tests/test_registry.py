@@ -14,6 +14,8 @@ from openmae.models import (
     ConvMAE,
     ConvViT,
     MaskedAutoencoder,
+    SimMIMSwin,
+    SwinClassifier,
     VisionTransformer,
     arch_of,
     create_model,
@@ -28,6 +30,9 @@ ALL_MODELS = list_models()
 # ConvMAE / ConvViT shrunk as tests/test_convmae.py does: 32 px, a 2 x 2 stage-3 grid
 CONV_SHRINK = dict(img_size=32, embed_dim=(16, 32, 48), depth=(1, 1, 2), num_heads=2)
 DECODER_SHRINK = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+# Swin / SimMIM shrunk to two stages at 32 px: 8 x 8 and 4 x 4 grids, 4 x 4 windows (the first stage's
+# second block shifted), a 4 x 4 mask grid of 8 px cells
+SWIN_SHRINK = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
 # keys of a pretraining model that its classifier has no place for (the ViT classifier's fc_norm
 # replaces the final norm; ConvViT has neither the fusion nor the final norm)
 PRETRAINING_ONLY = ("decoder_", "mask_token", "norm.", "stage1_output_decode.", "stage2_output_decode.")
@@ -38,6 +43,8 @@ def shrink(name: str) -> dict:
     take their pretraining model's overrides: their factories drop the decoder's arguments."""
     if name.startswith("conv"):
         return {**CONV_SHRINK, **DECODER_SHRINK}
+    if name.startswith(("swin_", "simmim_swin_")):
+        return dict(SWIN_SHRINK)
     return tiny_overrides(name)
 
 
@@ -85,8 +92,9 @@ def outputs(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Ten
 
 def test_every_family_is_covered():
     families = {type(build(n)) for n in ALL_MODELS}
-    assert families == {MaskedAutoencoder, ConvMAE, ConvViT, VisionTransformer}
-    assert len(MASKED_IMAGE_MODELS) == len(list_models("mae_vit_")) + len(list_models("convmae_"))
+    assert families == {MaskedAutoencoder, ConvMAE, ConvViT, VisionTransformer, SimMIMSwin, SwinClassifier}
+    pretraining = ("mae_vit_", "convmae_", "simmim_swin_")
+    assert len(MASKED_IMAGE_MODELS) == sum(len(list_models(prefix)) for prefix in pretraining)
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
