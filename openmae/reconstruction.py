@@ -40,8 +40,10 @@ from torch import Tensor
 
 from openmae.checkpoint import training_config
 from openmae.data import DATASET_NORMALIZATION, load_image
-from openmae.interop import load_pretrained, read_weights
+from openmae.interop import build_for, read_weights
+from openmae.interop.architecture import load_into
 from openmae.interop.native import resolve_weights_file
+from openmae.interop.weights import DECODER_PREFIXES, FIXED, abbrev
 from openmae.io import unwrap
 from openmae.masking import MASK_TYPES, check_mask_ratio, num_kept, sample_mask
 from openmae.patches import to_2tuple
@@ -62,8 +64,6 @@ _MODE_TEXT = {
 }
 
 
-# The decoder's parts, by the official names; a file without all of them cannot reconstruct.
-DECODER_KEYS = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
 
 class DecoderMissingError(ValueError):
     """Reconstruction was asked of a model or checkpoint without the MAE decoder."""
@@ -111,13 +111,17 @@ def load_reconstruction_model(path: str | os.PathLike, **overrides: Any) -> nn.M
         DecoderMissingError: the file has no (or part of the) decoder weights, or the model has no decoder.
     """
     weights = read_weights(path)
-    if not weights.has_decoder:
+    model, arch = build_for(weights, overrides)
+    decoder = [k for k in model.state_dict() if k.startswith(DECODER_PREFIXES) and k not in FIXED]
+    absent = sorted(k for k in decoder if k not in weights.state)
+    if not decoder:
+        raise DecoderMissingError(decoder_missing_message(f"{path}: {arch} has no decoder_pred"))
+    if len(absent) == len(decoder):
         raise DecoderMissingError(decoder_missing_message(f"{path} ({weights.kind}) has no decoder.* weights"))
-    missing = [k for k in DECODER_KEYS if not any(name.startswith(k) for name in weights.state)]
-    if missing:
-        detail = f"{path}: decoder weights not in the file: {', '.join(missing)}"
+    if absent:
+        detail = f"{path}: decoder weights not in the file: {abbrev(absent)}"
         raise DecoderMissingError(decoder_missing_message(detail))
-    model = load_pretrained(path, **overrides)
+    model.load_report = load_into(model, weights, arch, strict=weights.format == "openmae")
     require_decoder(model, source=str(path))
     return model
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from openmae.interop import hf, native, official, timm
+from openmae.interop import hf, native, official, swin, timm
 from openmae.interop.architecture import infer_architecture, load_into
 from openmae.interop.detect import detect_file, detect_format, is_openmae
 from openmae.interop.weights import (
@@ -31,6 +31,7 @@ from openmae.interop.weights import (
     UnsafeCheckpointError,
     Weights,
     safe_torch_load,
+    split_classifier,
 )
 from openmae.models import create_model as build_model
 
@@ -61,17 +62,28 @@ def read_weights(path: str | os.PathLike) -> Weights:
     """Read any supported checkpoint into openmae names (see :func:`detect_format`)."""
     path = Path(path)
     fmt, obj = detect_file(path)
-    if fmt == "hf":
-        return hf.read(path, obj)
-    if fmt == "timm":
-        return timm.read(path, obj)
-    if fmt == "official":
-        return official.read(path, obj)
-    return native.read(path)
+    readers = {"hf": hf.read, "timm": timm.read, "official": official.read}
+    weights = readers[fmt](path, obj) if fmt in readers else native.read(path)
+    if not weights.complete and swin.is_swin_state(weights.state):  # official Swin / SimMIM layouts
+        state, notes = swin.to_openmae_names({**weights.state, **weights.extras})
+        weights.state, weights.extras = split_classifier(state)
+        weights.notes.extend(notes)
+    return weights
 
 
 def _log(report: LoadReport) -> None:
     (logger.warning if report.missing else logger.info)("%s", report.summary())
+
+
+def build_for(weights: Weights, overrides: dict[str, Any]) -> tuple[nn.Module, str]:
+    """(the model ``weights`` fit, not loaded yet; its registered name); what had to be assumed goes to
+    ``weights.notes``."""
+    arch, cfg, notes = infer_architecture(weights, overrides)
+    weights.notes.extend(notes)
+    if weights.mask_ratio is not None and weights.mask_ratio != 0.75 and "mask_ratio" not in overrides:
+        ratio = weights.mask_ratio
+        weights.notes.append(f"the file records mask_ratio {ratio}: pass mask_ratio={ratio} to the model's forward")
+    return build_model(arch, **cfg), arch
 
 
 def load(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, LoadReport]:
@@ -85,12 +97,7 @@ def load(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, LoadRepo
         (model, report); the report is also ``model.load_report``.
     """
     weights = read_weights(path)
-    arch, cfg, notes = infer_architecture(weights, overrides)
-    weights.notes.extend(notes)
-    if weights.mask_ratio is not None and weights.mask_ratio != 0.75 and "mask_ratio" not in overrides:
-        ratio = weights.mask_ratio
-        weights.notes.append(f"the file records mask_ratio {ratio}: pass mask_ratio={ratio} to the model's forward")
-    model = build_model(arch, **cfg)
+    model, arch = build_for(weights, overrides)
     report = load_into(model, weights, arch, strict=weights.format == "openmae")
     model.load_report = report
     _log(report)

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from openmae.interop.swin import infer_swin_config, is_swin_state
 from openmae.interop.weights import DECODER_PREFIXES, FIXED, LoadReport, Weights, abbrev
 from openmae.io import unwrap
-from openmae.models import list_models
+from openmae.models import list_models, model_factory
 from openmae.patches import sincos_2d
 
 # -- architecture from shapes ------------------------------------------------------------------
@@ -110,6 +111,8 @@ def infer_architecture(
     overrides = dict(overrides or {})
     if weights.complete:
         return weights.arch, {**weights.config, **overrides}, []
+    if is_swin_state(weights.state):
+        return _swin_architecture(weights, overrides)
     notes: list[str] = []
     shaped, shape_notes = infer_config(weights.state)
     cfg = {**shaped, **weights.config}
@@ -135,6 +138,28 @@ def infer_architecture(
         shape_notes = [n for n in shape_notes if not n.startswith("pos_embed")]
     cfg.update(overrides)
     return arch, cfg, shape_notes + notes
+
+
+def _swin_architecture(weights: Weights, overrides: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
+    """A Swin classifier (``swin_*``) or, with SimMIM's pixel head, its pretraining model (``simmim_swin_*``)."""
+    cfg, notes = infer_swin_config(weights.state)
+    cfg.update(weights.config)
+    if "img_size" in weights.config or "img_size" in overrides:
+        notes = [n for n in notes if not n.startswith("img_size")]
+    family = "simmim_swin_" if "decoder_pred.weight" in weights.state else "swin_"
+    names = [n for n in list_models(family) if n.startswith(family)]
+    if not names:
+        raise ValueError(f"{weights.source} holds Swin weights, but no {family}* model is registered")
+    if weights.arch in names:
+        arch = weights.arch
+    else:  # the variant of the same width and depths, else the first: cfg sets every shape anyway
+        same = [n for n in names if _swin_shape(model_factory(n).defaults) == _swin_shape(cfg)]
+        arch = (same or names)[0]
+    return arch, {**cfg, **overrides}, notes
+
+
+def _swin_shape(cfg: dict[str, Any]) -> tuple:
+    return cfg.get("embed_dim"), tuple(cfg.get("depths") or ())
 
 
 # -- loading into a built model ----------------------------------------------------------------

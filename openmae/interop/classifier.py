@@ -21,7 +21,7 @@ from openmae.eval_config import EncoderConfig
 from openmae.interop import LoadReport, UnsafeCheckpointError, Weights, read_weights
 from openmae.interop.architecture import infer_architecture, load_into
 from openmae.io import read_model_record, read_safetensors_metadata
-from openmae.models import create_model
+from openmae.models import create_model, model_factory
 from openmae.models.classifier import classifier_args, classifier_defaults, classifier_name
 
 DEFAULT_CLASSIFIER = "vit_micro_patch4"  # the encoder of the CPU default, mae_vit_micro_patch4
@@ -59,8 +59,8 @@ def _architecture(model_cfg: EncoderConfig, weights) -> tuple[str, dict[str, Any
     if name is None:
         raise ConfigError(
             f"{weights.source} holds a {arch}, another architecture than those these protocols evaluate "
-            "(mae_vit_* / vit_* and convmae_* / convvit_* encoders, official MAE, Hugging Face ViTMAE or timm "
-            "ViT checkpoints)"
+            "(mae_vit_* / vit_*, convmae_* / convvit_* and simmim_swin_* / swin_* encoders, official MAE, "
+            "Hugging Face ViTMAE, timm ViT and Swin checkpoints)"
         )
     encoder = {k: v for k, v in cfg.items() if k in classifier_args(name)}
     if wanted is not None and wanted != name:
@@ -125,8 +125,8 @@ def build_classifier(
     """
     name, encoder = _architecture(model_cfg, weights)
     pool = model_cfg.global_pool
-    if pool == "auto":  # the paper's cls-token probe where there is a cls token
-        pool = "avg" if name.startswith("convvit_") else "token"
+    if pool == "auto":  # the paper's cls-token probe where there is a cls token (ViT), else the mean token
+        pool = "token" if getattr(model_factory(name).cls, "num_prefix_tokens", 0) else "avg"
     readout = {
         "num_classes": layout.num_classes,
         "global_pool": pool,

@@ -37,6 +37,7 @@ from openmae.io import atomic_write, atomic_write_text, unwrap
 from openmae.patches import to_2tuple
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+SWIN_PREFIXES = ("patch_embed.", "layers.", "norm.", "head.")  # timm's Swin: everything but SimMIM's mask and head
 TIMM_NORM_EPS = 1e-6
 
 
@@ -69,7 +70,8 @@ def model_args(cfg: dict[str, Any], num_classes: int = 0, global_pool: str = "to
 
 
 def _config_from_timm(args: dict[str, Any], pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
-    cfg = {k: args[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "in_chans") if k in args}
+    keys = ("embed_dim", "depth", "depths", "num_heads", "window_size", "mlp_ratio", "patch_size", "in_chans")
+    cfg = {k: args[k] for k in keys if k in args}
     if "img_size" in args:
         img = args["img_size"]
         cfg["img_size"] = tuple(img) if isinstance(img, (list, tuple)) else int(img)
@@ -107,32 +109,56 @@ def read(path: str | Path, obj: Any = None) -> Weights:
     return Weights(str(path), "timm", describe(trunk, extras), trunk, config=cfg, extras=extras, notes=notes)
 
 
+def _vit_export(model: nn.Module, cfg: dict[str, Any]) -> tuple[dict[str, Tensor], str, dict[str, Any], int]:
+    """(tensors, timm architecture, model_args, feature width) of an openmae ViT."""
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES + CLASSIFIER_PREFIXES)}
+    if cfg.get("norm_eps", TIMM_NORM_EPS) != TIMM_NORM_EPS:
+        warnings.warn(
+            f"timm's ViT uses LayerNorm eps {TIMM_NORM_EPS}; this model uses {cfg['norm_eps']}, so timm's features "
+            "will differ slightly",
+            stacklevel=4,
+        )
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    pool = "avg" if "fc_norm.weight" in state else "token"
+    return state, timm_name(cfg), model_args(cfg, num_classes, pool), cfg["embed_dim"]
+
+
+def _swin_export(model: nn.Module, cfg: dict[str, Any]) -> tuple[dict[str, Tensor], str, dict[str, Any], int]:
+    """(tensors, timm architecture, model_args, feature width) of an openmae Swin (classifier or SimMIM encoder)."""
+    import timm
+
+    if cfg.get("head_norm"):
+        raise ValueError("timm's Swin has no BatchNorm head: export a fine-tuned Swin, not a linear probe, to timm")
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(SWIN_PREFIXES)}
+    num_classes = state["head.fc.weight"].shape[0] if "head.fc.weight" in state else 0
+    depths, dim = list(cfg["depths"]), int(cfg["embed_dim"])
+    shape = ("patch_size", "in_chans", "embed_dim", "num_heads", "window_size", "mlp_ratio")
+    args = {k: cfg[k] for k in shape if k in cfg}
+    h, w = to_2tuple(cfg["img_size"])
+    args.update(img_size=h if h == w else [h, w], depths=depths, num_classes=num_classes, global_pool="avg")
+    sizes = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base"}
+    size = sizes.get((dim, tuple(depths)))
+    name = f"swin_{size or 'tiny'}_patch{args['patch_size']}_window{args['window_size']}_{h}"
+    arch = name if timm.list_models(name) else "swin_tiny_patch4_window7_224"
+    return state, arch, args, dim * 2 ** (len(depths) - 1)
+
+
 def write(model: nn.Module, path: str | Path) -> Path:
     """The encoder (and a classifier's ``fc_norm`` / ``head``) in timm's layout. Returns the weights file."""
     from safetensors.torch import save_file
 
     model = unwrap(model)
     cfg = dict(getattr(model, "config", None) or {})
-    if not isinstance(cfg.get("embed_dim"), int) or not hasattr(model, "patch_embed"):
+    if hasattr(model, "layers") and "depths" in cfg:
+        state, arch, args, width = _swin_export(model, cfg)
+    elif isinstance(cfg.get("embed_dim"), int) and hasattr(model, "patch_embed"):
+        state, arch, args, width = _vit_export(model, cfg)
+    else:
         raise ValueError(
-            f"export to timm needs an openmae ViT built with openmae.create_model; "
-            f"{getattr(model, 'arch', type(model).__name__)} has no timm VisionTransformer counterpart"
+            f"export to timm needs an openmae ViT or Swin built with openmae.create_model; "
+            f"{getattr(model, 'arch', type(model).__name__)} has no timm counterpart"
         )
-    state = {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if k.startswith(ENCODER_PREFIXES) or k.startswith(CLASSIFIER_PREFIXES)
-    }
-    if cfg.get("norm_eps", TIMM_NORM_EPS) != TIMM_NORM_EPS:
-        warnings.warn(
-            f"timm's ViT uses LayerNorm eps {TIMM_NORM_EPS}; this model uses {cfg['norm_eps']}, so timm's features "
-            "will differ slightly",
-            stacklevel=3,
-        )
-    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-    pool = "avg" if "fc_norm.weight" in state else "token"
-    args = model_args(cfg, num_classes, pool)
-    arch = timm_name(cfg)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path = Path(path)
     if path.suffix == ".safetensors":
         meta = {"format": "pt", "architecture": arch, "model_args": json.dumps(args)}
@@ -141,15 +167,15 @@ def write(model: nn.Module, path: str | Path) -> Path:
     h, w = to_2tuple(cfg["img_size"])
     config = {
         "architecture": arch,
-        "num_classes": num_classes,
-        "num_features": cfg["embed_dim"],
-        "global_pool": pool,
+        "num_classes": args["num_classes"],
+        "num_features": width,
+        "global_pool": args["global_pool"],
         "model_args": args,
         "pretrained_cfg": {
             "tag": "openmae",
             "input_size": [cfg["in_chans"], h, w],
-            "num_classes": num_classes,
-            "classifier": "head",
+            "num_classes": args["num_classes"],
+            "classifier": "head.fc" if "depths" in args else "head",
             "first_conv": "patch_embed.proj",
         },
     }

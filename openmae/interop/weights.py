@@ -67,7 +67,8 @@ class Weights:
 
     @property
     def has_decoder(self) -> bool:
-        return "decoder_embed.weight" in self.state
+        """MAE's decoder, or SimMIM's pixel head."""
+        return "decoder_embed.weight" in self.state or "decoder_pred.weight" in self.state
 
 
 @dataclass
@@ -154,7 +155,7 @@ def split_classifier(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[
 
 
 def describe(state: dict[str, Tensor], extras: dict[str, Tensor]) -> str:
-    if "head.weight" in extras:
+    if any(k.startswith("head.") and k.endswith("weight") for k in extras):
         return "fine-tuned classifier"
     if "decoder_embed.weight" in state:
         return "encoder + decoder"
