@@ -142,7 +142,9 @@ def _check_swin_args(
     for i, heads in enumerate(num_heads):
         width = embed_dim * 2**i
         if heads < 1 or width % heads:
-            raise ValueError(f"stage {i} is {width} wide (embed_dim {embed_dim} * 2^{i}), not divisible by {heads} heads")
+            raise ValueError(
+                f"stage {i} is {width} wide (embed_dim {embed_dim} * 2^{i}), not divisible by {heads} heads"
+            )
 
 
 # -- the classifier ---------------------------------------------------------------------------------
