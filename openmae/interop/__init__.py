@@ -200,7 +200,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     arch, cfg, notes = infer_architecture(weights)
     decoder = {k: v for k, v in weights.state.items() if k.startswith(DECODER_PREFIXES)}
     encoder = {k: v for k, v in weights.state.items() if k not in decoder}
-    head = weights.extras.get("head.weight")
+    head = weights.extras.get("head.weight", weights.extras.get("head.fc.weight"))  # ViT's, Swin's
     norm_pix = weights.config.get("norm_pix_loss")
     return {
         "path": str(path),

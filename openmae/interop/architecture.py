@@ -150,16 +150,17 @@ def _swin_architecture(weights: Weights, overrides: dict[str, Any]) -> tuple[str
     names = [n for n in list_models(family) if n.startswith(family)]
     if not names:
         raise ValueError(f"{weights.source} holds Swin weights, but no {family}* model is registered")
-    if weights.arch in names:
-        arch = weights.arch
-    else:  # the variant of the same width and depths, else the first: cfg sets every shape anyway
-        same = [n for n in names if _swin_shape(model_factory(n).defaults) == _swin_shape(cfg)]
-        arch = (same or names)[0]
+    if family == "swin_":  # a classifier's head, or none: features out
+        head = weights.extras.get("head.fc.weight")
+        cfg["num_classes"] = 0 if head is None else int(head.shape[0])
+
+    def distance(name: str) -> tuple:  # the variant of the same width and depths, else the nearest
+        defaults = model_factory(name).defaults
+        same_depths = tuple(defaults.get("depths", ())) == tuple(cfg["depths"])
+        return abs(defaults.get("embed_dim", 0) - cfg["embed_dim"]), not same_depths
+
+    arch = weights.arch if weights.arch in names else min(names, key=distance)
     return arch, {**cfg, **overrides}, notes
-
-
-def _swin_shape(cfg: dict[str, Any]) -> tuple:
-    return cfg.get("embed_dim"), tuple(cfg.get("depths") or ())
 
 
 # -- loading into a built model ----------------------------------------------------------------
