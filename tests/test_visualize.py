@@ -375,6 +375,8 @@ def test_encoder_only_is_refused_clearly(tmp_path):
 
 
 def _shrunk(name: str) -> dict:
+    if name.startswith(("swin_", "simmim_swin_")):  # two stages at 32 px: 8 x 8 and 4 x 4 grids
+        return dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
     if name.startswith(("convmae", "convvit")):
         kw = dict(img_size=32, embed_dim=(16, 32, 48), depth=(1, 1, 2), num_heads=2)
         return {**kw, **SMALL_DECODER} if name.startswith("convmae") else kw

@@ -170,7 +170,8 @@ def build_feature_model(
 
 
 def _head_kind(keys: set[str]) -> str:
-    return "BatchNorm + linear (linear probe)" if any(k.startswith("head.1.") for k in keys) else "linear"
+    # a BatchNorm head keeps running statistics (ViT: head.0.*, Swin: head.fc.0.*)
+    return "BatchNorm + linear (linear probe)" if any(k.endswith("running_mean") for k in keys) else "linear"
 
 
 def load_classifier_weights(model: nn.Module, weights: Weights, require_head: bool = False) -> LoadReport:
