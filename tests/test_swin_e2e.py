@@ -15,23 +15,12 @@ import openmae
 from openmae.cli import main
 from openmae.io import read_safetensors
 from openmae.visualize import figure_size
+from tests.test_convmae_e2e import _check_accuracy, _metrics  # 128 held-out digits, as here
 
 SHRINK = {"embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2], "window_size": 4}
 FEATURES = 32  # the last stage's width: 16 x 2
 DATA = ["--dataset", "digits", "--img-size", "32", "--data.limit", "128", "--data.num_workers", "0"]
 RUN = ["--train.precision", "fp32", "--train.progress", "false", "--train.epochs", "1", "--train.batch_size", "32"]
-
-
-def _metrics(folder) -> dict:
-    return json.loads((folder / "metrics.json").read_text())
-
-
-def _check_accuracy(metrics: dict) -> None:
-    """Accuracies 128 held-out images can give: whole counts of images, top-1 within top-5."""
-    assert metrics["images"] == 128
-    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
-    for k in ("top1", "top5"):
-        assert metrics[k] == pytest.approx(100 * round(metrics[k] * 128 / 100) / 128, abs=1e-3), (k, metrics[k])
 
 
 @pytest.fixture(scope="module")
