@@ -28,7 +28,7 @@ from torch import Tensor
 
 from openmae.masking import MASK_TYPES
 from openmae.models.mae import MAEObjective, MAEOutput
-from openmae.models.vit import check_image_shape, model_config
+from openmae.models.vit import check_image_shape, check_patch_grid, model_config
 from openmae.patches import to_2tuple
 from openmae.registry import register_variant
 
@@ -126,13 +126,7 @@ def _check_swin_args(
     depths: tuple[int, ...],
     num_heads: tuple[int, ...],
 ) -> None:
-    if patch_size < 1 or img_size[0] % patch_size or img_size[1] % patch_size:
-        raise ValueError(
-            f"img_size {img_size[0]}x{img_size[1]} is not divisible by patch_size {patch_size}; "
-            f"choose an image size that is a multiple of {patch_size}"
-        )
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    check_patch_grid(img_size, patch_size, in_chans)
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
     if not depths or len(depths) != len(num_heads):

@@ -31,6 +31,17 @@ def check_image_shape(images: Tensor, in_chans: int, img_size: tuple[int, int]) 
         )
 
 
+def check_patch_grid(img_size: tuple[int, int], patch_size: int, in_chans: int) -> None:
+    """Refuse a patch size that does not tile the image, or no channels, saying how to fix it."""
+    if patch_size < 1 or img_size[0] % patch_size or img_size[1] % patch_size:
+        raise ValueError(
+            f"img_size {img_size[0]}x{img_size[1]} is not divisible by patch_size {patch_size}; "
+            f"choose an image size that is a multiple of {patch_size}"
+        )
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+
+
 class PatchEmbed(nn.Module):
     """p x p stride-p conv: (N, C, H, W) -> (N, L, D) in row-major token order."""
 
@@ -163,13 +174,7 @@ class ViTEncoder(nn.Module):
     ):
         super().__init__()
         img_size = to_2tuple(img_size)
-        if patch_size < 1 or img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(
-                f"img_size {img_size[0]}x{img_size[1]} is not divisible by patch_size {patch_size}; "
-                f"choose an image size that is a multiple of {patch_size}"
-            )
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        check_patch_grid(img_size, patch_size, in_chans)
         if embed_dim % 4:
             raise ValueError(f"embed_dim must be divisible by 4 for the 2D sin-cos embedding, got {embed_dim}")
         self.img_size = img_size
