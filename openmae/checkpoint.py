@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,16 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from openmae.io import FORMAT_KEY, model_record, read_safetensors, read_safetensors_metadata, unwrap, write_safetensors
+from openmae.io import (
+    FORMAT_KEY,
+    UnreadableFileError,
+    model_record,
+    read_safetensors,
+    read_safetensors_metadata,
+    safetensors_problem,
+    unwrap,
+    write_safetensors,
+)
 from openmae.registry import arch_of
 
 MODEL_PREFIX = "model/"
@@ -75,11 +85,35 @@ def save_training_state(
     write_safetensors(path, tensors, meta)
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be resumed from (truncated, not safetensors, no training state), or None.
+    Reads the header only: cheap enough to check every checkpoint of a folder."""
+    problem = safetensors_problem(path)
+    if problem is not None:
+        return problem
+    meta = read_safetensors_metadata(path)
+    try:
+        info = json.loads(meta["training"])
+        record = json.loads(meta[FORMAT_KEY])
+    except KeyError:
+        return "not an openmae training checkpoint (no training state in its metadata)"
+    except json.JSONDecodeError:
+        return "its training metadata is not JSON"
+    if not isinstance(info, dict) or not isinstance(info.get("step"), int) or not isinstance(record, dict):
+        return "its training metadata has no step"
+    return None
+
+
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint: ``model`` (state dict), ``optimizer``, ``rng``, ``scaler``, ``info``, ``meta``."""
+    """Read a training checkpoint: ``model`` (state dict), ``optimizer``, ``rng``, ``scaler``, ``info``, ``meta``.
+
+    A file that is truncated, not safetensors or not a training checkpoint is an
+    :class:`~openmae.io.UnreadableFileError` (a ValueError) naming it and what is wrong.
+    """
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UnreadableFileError(f"cannot resume from {path}: {problem}; point --resume at another checkpoint")
     tensors, meta = read_safetensors(path)
-    if "training" not in meta:
-        raise ValueError(f"{path} is not an openmae training checkpoint (no training state to resume)")
     info = json.loads(meta["training"])
     return {
         "model": split_model_state(tensors),
@@ -96,7 +130,7 @@ def training_config(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         meta = read_safetensors_metadata(path)
         config = json.loads(meta["training"]).get("config")
-    except (OSError, ValueError, KeyError, RuntimeError):
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError):
         return None
     return config if isinstance(config, dict) else None
 
@@ -116,13 +150,25 @@ def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.safetensors"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint's name records (``checkpoint-00000120.safetensors``: 120)."""
+    return int(CHECKPOINT_NAME.match(Path(path).name).group(1))
+
+
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Training checkpoints in ``out_dir``, oldest first."""
-    return sorted(Path(out_dir).glob("checkpoint-*.safetensors"))
+    """Training checkpoints in ``out_dir`` (by name, intact or not), oldest step first."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -131,6 +177,16 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the ``keep`` newest training checkpoints of ``out_dir``."""
-    for old in list_checkpoints(out_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    """Keep the ``keep`` newest intact training checkpoints of ``out_dir``; delete the older ones.
+
+    A damaged checkpoint newer than the oldest kept one is left for its owner to look at (auto-resume
+    names it and skips it), so pruning never leaves fewer than ``keep`` checkpoints to resume from.
+    """
+    found = list_checkpoints(out_dir)
+    intact = [p for p in found if checkpoint_problem(p) is None]
+    if len(intact) <= keep:
+        return
+    oldest_kept = checkpoint_step(intact[-keep])
+    for old in found:
+        if checkpoint_step(old) < oldest_kept:
+            old.unlink(missing_ok=True)

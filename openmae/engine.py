@@ -31,7 +31,6 @@ Why the setup runs in the order it does (wrapping happens here, never inside mod
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import platform
 import shlex
@@ -51,11 +50,12 @@ from torch import Tensor
 from openmae import checkpoint as ckpt
 from openmae.config import ConfigError, DataConfig, OptimConfig, TrainConfig
 from openmae.data import BadImageTracker, Batch, build_loader
-from openmae.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
+from openmae.distributed import DistInfo, all_reduce_sum, barrier, sum_over_ranks, wrap_ddp
 from openmae.interop import save_pretrained
 from openmae.interop.architecture import load_state
-from openmae.io import atomic_write_text
+from openmae.io import atomic_write_text, finite_json, json_text
 from openmae.optim import build_adamw, cosine_lr, set_lr
+from openmae.run_folder import RunFolder
 from openmae.runtime import Runtime
 
 
@@ -187,7 +187,7 @@ def write_run_files(out_dir: Path, config: dict[str, Any], dist: DistInfo) -> No
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     env = describe_environment(dist)
-    atomic_write_text(out_dir / "environment.json", json.dumps(env, indent=2) + "\n")
+    atomic_write_text(out_dir / "environment.json", json_text(env, indent=2) + "\n")
     with open(out_dir / "command.txt", "a") as f:
         f.write(env["command"] + "\n")
 
@@ -196,8 +196,9 @@ def report_bad_images(bad: dict[str, Any]) -> None:
     """Print the images that failed to load (the summary's ``bad_images``), if any."""
     if bad["failed_loads"]:
         print(f"{bad['failed_loads']} of {bad['images_seen']} image loads failed:", file=sys.stderr)
+        reasons = bad.get("bad_file_reasons", {})
         for line in bad["bad_files"][:20]:
-            print(f"  {line}", file=sys.stderr)
+            print(f"  {line}" + (f" ({reasons[line]})" if line in reasons else ""), file=sys.stderr)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -206,9 +207,13 @@ def report_bad_images(bad: dict[str, Any]) -> None:
 class CheckpointManager:
     """The run's training checkpoints: the one to resume from, resuming, saving on schedule, pruning.
 
-    Saves after step N when ``train.save_every_steps`` divides N, and at the end of every
-    ``train.save_every``-th epoch and of the last; keeps the newest ``train.keep_checkpoints``. Only
-    the main rank writes, and every rank waits for it, so none reads or runs past a half-written file.
+    Saves after step N when ``train.save_every_steps`` divides N or N is the run's last step
+    (``train.max_steps`` included), and at the end of every ``train.save_every``-th epoch and of the
+    last. A save due at an epoch's last step waits for that epoch's hooks and ``epoch_end`` record, so
+    a run resumed from it has nothing of the epoch left to do. Keeps the newest
+    ``train.keep_checkpoints``. Only the main rank writes, and every rank waits for it, so none reads
+    or runs past a half-written file. What may be resumed, and from where, is
+    :class:`~openmae.run_folder.RunFolder`'s to decide.
     """
 
     def __init__(self, out_dir: Path, train: TrainConfig, runtime: Runtime, config: dict[str, Any]) -> None:
@@ -216,29 +221,25 @@ class CheckpointManager:
         self.cfg = train
         self.runtime = runtime
         self.config = config  # the resolved run config, recorded in every checkpoint
+        self.folder = RunFolder(out_dir, note=self._note)
+        self._resume: tuple[Path | None] | None = None  # resolved once: its checks and notes run once
+
+    def _note(self, line: str) -> None:
+        if self.runtime.is_main:
+            print(line, file=sys.stderr)
 
     def resume_path(self) -> Path | None:
-        """The checkpoint ``train.resume`` points at, None for a fresh run."""
-        spec = self.cfg.resume
-        if spec is None:
-            return None
-        if spec == "auto":
-            return ckpt.latest_checkpoint(self.out_dir)
-        path = Path(spec)
-        if path.is_dir():
-            found = ckpt.latest_checkpoint(path)
-            if found is None:
-                raise FileNotFoundError(f"--resume {spec}: no checkpoint-*.safetensors in that folder")
-            return found
-        if not path.exists():
-            raise FileNotFoundError(f"--resume {spec}: no such file")
-        return path
+        """The checkpoint ``train.resume`` points at, None for a fresh run; refuses what would mix
+        two runs in the output folder (see :meth:`RunFolder.resume_checkpoint`)."""
+        if self._resume is None:
+            self._resume = (self.folder.resume_checkpoint(self.cfg.resume, self.config),)
+        return self._resume[0]
 
-    def restore(self, state: TrainState, total_steps: int) -> None:
-        """Load the checkpoint to resume (if any) into ``state`` and the RNG."""
+    def restore(self, state: TrainState, total_steps: int) -> dict[str, Any] | None:
+        """Load the checkpoint to resume (if any) into ``state`` and the RNG; returns its ``info``."""
         path = self.resume_path()
         if path is None:
-            return
+            return None
         saved = ckpt.load_training_state(path)
         load_state(state.model, saved["model"], source=str(path))
         state.optimizer.load_state_dict(saved["optimizer"])
@@ -248,18 +249,21 @@ class CheckpointManager:
         state.step = int(saved["info"]["step"])
         if self.runtime.is_main:
             print(f"resuming from {path} at step {state.step}/{total_steps}", file=sys.stderr)
+        return saved["info"]
 
-    def after_step(self, state: TrainState, epoch: int) -> None:
-        if self.cfg.save_every_steps and state.step % self.cfg.save_every_steps == 0:
-            self.save(state, epoch)
+    def due(self, step: int, schedule: Schedule, epoch_end: int | None = None) -> bool:
+        """Whether to save after ``step``; ``epoch_end``: the 0-based epoch that step ends, if it does."""
+        if step == schedule.stop_step:
+            return True
+        if self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0:
+            return True
+        return epoch_end is not None and ((epoch_end + 1) % self.cfg.save_every == 0 or epoch_end + 1 == self.cfg.epochs)
 
-    def after_epoch(self, state: TrainState, epoch: int) -> None:
-        if (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
-            self.save(state, epoch)
-
-    def save(self, state: TrainState, epoch: int) -> None:
+    def save(self, state: TrainState, epoch: int, final_loss: float) -> None:
+        """Save after the optimizer step ``state.step``, taken in the 0-based ``epoch``; ``final_loss``:
+        the last logged mean loss, for the summary of a run resumed at its end."""
         if self.runtime.is_main:
-            info = {"step": state.step, "epoch": epoch + 1, "config": self.config}
+            info = {"step": state.step, "epoch": epoch + 1, "config": self.config, "final_loss": finite_json(final_loss)}
             path = self.out_dir / ckpt.checkpoint_name(state.step)
             rng = ckpt.rng_state(self.runtime.device)
             ckpt.save_training_state(path, state.model, state.optimizer, info, rng, state.scaler.state_dict())
@@ -289,6 +293,7 @@ class MetricsLogger:
         start_step: int,
         progress: bool,
         label: str,
+        final_loss: float | None = None,
     ) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.runtime, self.schedule = runtime, schedule
@@ -304,7 +309,8 @@ class MetricsLogger:
                 self.bar = tqdm(
                     total=schedule.total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc=label
                 )
-        self.final_loss = float("nan")  # the last logged mean loss
+        # the last logged mean loss (a resumed run starts from its checkpoint's; NaN: none logged yet)
+        self.final_loss = float("nan") if final_loss is None else float(final_loss)
         self.images = 0  # images trained on by all ranks, for the run's throughput
         self.started = time.perf_counter()
         self.new_window()
@@ -327,8 +333,13 @@ class MetricsLogger:
             self.bar.update(1)
         if step % self.log_every and step != self.schedule.stop_step:
             return
-        dist = self.runtime.dist
-        mean_loss = all_reduce_sum(self.loss_sum.clone(), dist).item() / (self.loss_count * dist.world_size)
+        # the count too: a rank whose images all failed to load has fewer losses than the others
+        count = torch.tensor(float(self.loss_count), device=self.loss_sum.device)
+        loss_sum, count = all_reduce_sum(torch.stack([self.loss_sum, count]), self.runtime.dist).tolist()
+        if not count:  # no rank loaded an image in this window: no loss to log
+            self.new_window()
+            return
+        mean_loss = loss_sum / count
         if not math.isfinite(mean_loss):
             raise FloatingPointError(
                 f"loss is {mean_loss} at step {step}; lower the learning rate or try --train.precision fp32"
@@ -362,7 +373,7 @@ class MetricsLogger:
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
 
     def _scalars(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -431,6 +442,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.out_dir = Path(train.output_dir)
         self.checkpoints = CheckpointManager(self.out_dir, train, runtime, config)
+        self.already_finished = False  # fit() found the run finished and left its outputs alone
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -441,17 +453,27 @@ class Trainer:
         schedule = self.schedule()
         model = self.task.model.to(runtime.device)
         state = TrainState(model, self.build_optimizer(schedule.peak_lr), runtime.precision.scaler())
-        self.checkpoints.restore(state, schedule.total_steps)
+        resumed = self.checkpoints.restore(state, schedule.total_steps) or {}
+        if state.step >= schedule.stop_step:
+            finished = self.checkpoints.folder.finished_summary(state.step)
+            if finished is not None:  # nothing to do: its outputs stay as they are
+                self.already_finished = True
+                if runtime.is_main:
+                    self._report_finished(schedule, state.step)
+                barrier(runtime.dist)
+                return finished
         if runtime.is_main:
+            self.checkpoints.folder.prepare(state.step)
             write_run_files(self.out_dir, self.config, runtime.dist)
             self._announce(schedule)
         barrier(runtime.dist)
 
         train_model = wrap_ddp(torch.compile(model) if cfg.compile else model, runtime.dist, runtime.device)
         logger = MetricsLogger(self.out_dir, runtime, schedule, log_every=cfg.log_every, start_step=state.step,
-                               progress=cfg.progress, label=getattr(self.task, "name", "pretrain"))
+                               progress=cfg.progress, label=getattr(self.task, "name", "pretrain"),
+                               final_loss=resumed.get("final_loss"))
         ctx = RunContext(self.out_dir, runtime, self.task, logger.writer)
-        tracker = BadImageTracker(self.dataset)
+        tracker = BadImageTracker(self.dataset, reduce_sum=lambda t: sum_over_ranks(t, runtime.dist, runtime.device))
         start_epoch, skip = divmod(state.step, schedule.steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             if state.step >= schedule.stop_step:
@@ -468,21 +490,23 @@ class Trainer:
                 lr = schedule.lr(state.step)
                 optimizer_step(state, lr, self.optim_cfg.clip_grad)
                 logger.step(state.step, lr)
-                self.checkpoints.after_step(state, epoch)
                 if state.step % schedule.steps_per_epoch == 0:
                     break  # the epoch's steps are done: a trailing partial accumulation is dropped
+                if self.checkpoints.due(state.step, schedule):
+                    self.checkpoints.save(state, epoch, logger.final_loss)
             batches.close()  # stops this epoch's loader workers before the hooks start theirs
             if state.step > 0 and state.step % schedule.steps_per_epoch == 0:
                 ctx.step = state.step
                 logger.epoch_end(epoch, state.step, self._call_hooks("on_epoch_end", ctx))
-                self.checkpoints.after_epoch(state, epoch)
+                if self.checkpoints.due(state.step, schedule, epoch_end=epoch):
+                    self.checkpoints.save(state, epoch, logger.final_loss)
 
         ctx.step = state.step
         summary = self._summary(schedule, state, logger, tracker)
         summary.update(self._call_hooks("on_train_end", ctx))
         if runtime.is_main:
             save_pretrained(model, self.out_dir / "model.safetensors")
-            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.out_dir / "summary.json", json_text(summary, indent=2) + "\n")
             report_bad_images(summary["bad_images"])
         logger.close()
         barrier(runtime.dist)
@@ -517,9 +541,18 @@ class Trainer:
             return build(groups, peak_lr, self.optim_cfg)
         return build_adamw(groups, peak_lr, self.optim_cfg.betas)
 
-    def micro_batches(self, epoch: int, skip_steps: int, tracker: BadImageTracker) -> Generator[Batch, None, None]:
+    def micro_batches(
+        self, epoch: int, skip_steps: int, tracker: BadImageTracker
+    ) -> Generator[tuple[Batch, float], None, None]:
         """This rank's micro-batches of ``epoch`` past its first ``skip_steps`` steps (a resumed epoch),
-        failed loads counted (the run stops past ``data.max_bad_fraction``), empty batches dropped."""
+        with their loss weight: one per loader batch, so that steps keep to the epoch's order on every rank.
+
+        Failed loads are counted, and before each step's last micro-batch (the same point on every
+        rank) the counts of all ranks decide whether the run stops (past ``data.max_bad_fraction``, or
+        at the epoch's end when nothing loaded). A micro-batch whose images all failed comes with weight
+        0: the batch itself (empty, skipped) on one process; under DDP this rank's previous micro-batch
+        (zeros before any), because its backward joins the other ranks' gradient all-reduce.
+        """
         loader = build_loader(
             self.dataset,
             self.cfg.batch_size,
@@ -531,34 +564,54 @@ class Trainer:
             skip_batches=skip_steps * self.cfg.accum_steps,
             pin_memory=self.runtime.device.type == "cuda",
         )
-        for batch in loader:
+        accum = self.cfg.accum_steps
+        used = len(loader) // accum * accum  # fit() stops before a trailing partial step
+        stand_in = None
+        for i, batch in enumerate(loader):
             tracker.update(batch)
-            tracker.check(self.data.max_bad_fraction)
-            if batch.images.shape[0]:
-                yield batch
+            if (i + 1) % accum == 0:
+                tracker.check(self.data.max_bad_fraction, epoch_end=i + 1 == used)
+            if len(batch):
+                stand_in = batch
+                yield batch, 1.0
+            elif not self.runtime.dist.enabled:
+                yield batch, 0.0
+            else:  # a repeat, not zeros, when there is one: BatchNorm statistics then see real images
+                yield (stand_in if stand_in is not None else self._zeros_batch()), 0.0
+
+    def _zeros_batch(self) -> Batch:
+        b, c, size = self.cfg.batch_size, self.dataset.channels, self.data.img_size
+        index = torch.zeros(b, dtype=torch.int64)
+        return Batch(torch.zeros(b, c, size, size), index, index.clone(), failed=[])
 
     def train_step(
-        self, model: nn.Module, batches: Iterator[Batch], epoch: int, scaler: torch.amp.GradScaler
+        self, model: nn.Module, batches: Iterator[tuple[Batch, float]], epoch: int, scaler: torch.amp.GradScaler
     ) -> StepResult:
         """Forward and backward over the next ``train.accum_steps`` micro-batches, summing gradients.
 
         Each loss is divided by ``accum_steps``: the summed gradient is that of the mean loss, as
         one batch ``accum_steps`` times bigger would give. Under DDP all but the last micro-batch run
-        in ``no_sync``, so gradients are all-reduced once a step, not once a micro-batch.
+        in ``no_sync``, so gradients are all-reduced once a step, not once a micro-batch. A micro-batch
+        of weight 0 (its images failed to load) adds nothing: skipped when empty, else (DDP) its loss
+        is multiplied by 0 so that this rank still takes part in the forward's and backward's collectives.
         """
         accum, runtime = self.cfg.accum_steps, self.runtime
         result = StepResult([], 0, complete=False)
         for i in range(accum):
-            batch = next(batches, None)
-            if batch is None:
+            item = next(batches, None)
+            if item is None:
                 return result
+            batch, weight = item
+            if not len(batch):
+                continue
             defer_sync = runtime.dist.enabled and i < accum - 1
             with model.no_sync() if defer_sync else contextlib.nullcontext():
                 with runtime.autocast():
                     loss = self.task(model, _to_device(batch, runtime.device), epoch)["loss"]
-                scaler.scale(loss / accum).backward()
-            result.losses.append(loss.detach().float())
-            result.images += batch.images.shape[0] * runtime.dist.world_size
+                scaler.scale(loss / accum if weight else loss * 0.0).backward()
+            if weight:
+                result.losses.append(loss.detach().float())
+                result.images += batch.images.shape[0] * runtime.dist.world_size
         result.complete = True
         return result
 
@@ -568,6 +621,15 @@ class Trainer:
             f"{type(self.task).__name__}: {schedule.steps_per_epoch} steps/epoch x {self.cfg.epochs} epochs, "
             f"effective batch {self.effective_batch()}, peak lr {schedule.peak_lr:.3g}, {rt.device}, "
             f"{rt.precision.name}, {rt.dist.world_size} process(es) -> {self.out_dir}",
+            file=sys.stderr,
+        )
+
+    def _report_finished(self, schedule: Schedule, step: int) -> None:
+        how = "to train again, give another --output"
+        if schedule.stop_step < schedule.total_steps:
+            how += f"; to go on, raise --train.max_steps (its schedule spans {schedule.total_steps} steps)"
+        print(
+            f"{self.out_dir} holds a finished run (step {step}, summary.json); its outputs are left as they are; {how}",
             file=sys.stderr,
         )
 

@@ -21,8 +21,9 @@ from openmae.eval_config import FinetuneConfig, LinprobeConfig
 from openmae.hooks import HeldOutEvaluation, LossCurvePlot, ReconstructionHook
 from openmae.inference import evaluate
 from openmae.interop.classifier import ClassifierLayout, build_classifier, check_resumable, read_encoder
-from openmae.io import atomic_write_text
+from openmae.io import atomic_write_text, json_text
 from openmae.models import create_model
+from openmae.run_folder import RunFolder
 from openmae.runtime import Runtime
 from openmae.tasks import FinetuneTask, LinearProbeTask, PretrainTask
 from openmae.transforms import finetune_transform
@@ -70,7 +71,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
     """``metrics.json`` in the output folder (atomic)."""
     path = Path(out_dir) / "metrics.json"
-    atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(path, json_text(metrics, indent=2) + "\n")
     return path
 
 
@@ -108,6 +109,9 @@ def run_protocol(protocol: str, cfg: FinetuneConfig | LinprobeConfig) -> dict[st
     )
     check_resumable(trainer.checkpoints.resume_path(), task.model)
     summary = trainer.fit()
+    written = Path(cfg.train.output_dir) / "metrics.json"
+    if trainer.already_finished and written.exists():  # its metrics.json stays as it is
+        return json.loads(written.read_text())
     metrics = {
         "protocol": protocol,
         **summary["test"],
@@ -130,6 +134,7 @@ def evaluate_checkpoint(protocol: str, cfg: FinetuneConfig | LinprobeConfig, run
     """``--eval-only``: held-out top-1/top-5 of a saved classifier, written to metrics.json."""
     if cfg.model.checkpoint is None:
         raise ConfigError("--eval-only needs --checkpoint: a classifier saved by this protocol")
+    RunFolder(cfg.train.output_dir).check_evaluation_output()
     weights = read_encoder(cfg.model.checkpoint)
     _, test = labelled_splits(cfg.data, cfg.train.seed, protocol, cfg.eval.crop_pct)
     layout = ClassifierLayout(num_classes=test.num_classes, head_norm=HEAD_NORM[protocol], trained=True)
