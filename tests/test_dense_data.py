@@ -111,6 +111,8 @@ def test_fashion_scenes_draw_from_the_matching_split():
     train, val = FashionScenes("train", length=20), FashionScenes("val", length=20)
     assert len(train.item_images) == 60000 and len(val.item_images) == 10000  # t10k for val scenes
     assert len(train) == 20
+    torch.testing.assert_close(train.load(5).image, FashionScenes("train", length=20).load(5).image)
+    assert not torch.equal(train.load(5).image, val.load(5).image)
     assert_scene_consistent(train.load(5))
     assert_scene_consistent(val.load(5))
     ds = build_dense_dataset("fashion-scenes", "val", "segment", limit=5)
@@ -490,8 +492,10 @@ def test_ade_layout_reduces_zero_label(tmp_path):
     ds = build_dense_dataset("ade20k", "train", "segment", path=tmp_path, img_size=32, augment=False)
     image, mask, _ = ds[0]
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
-    with pytest.raises(ValueError, match="no annotations for 'detect'"):
+    with pytest.raises(ValueError, match="ade20k has no annotations for 'detect'.*use fashion-scenes or coco"):
         build_dense_dataset("ade20k", "train", "detect", path=tmp_path)
+    with pytest.raises(ValueError, match="ADE20KSegmentation has no annotations for 'detect'"):
+        DenseDataset(ds.source, "detect", PairedTransform("detect", 32, False, ds.mean, ds.std))
 
 
 def test_ade_class_names(tmp_path):
@@ -519,7 +523,7 @@ ADE_CASES = {
     "colour label map": (
         {},
         lambda root: Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(root / "annotations" / "training" / "a.png"),
-        ["a.png is a RGB image"],
+        ["a.png is an image of mode RGB"],
     ),
     "unreadable label map": (
         {},

@@ -59,6 +59,7 @@ from openmae.patches import to_2tuple
 Task = Literal["segment", "detect"]
 TASKS = ("segment", "detect")
 DENSE_DATASETS = ("fashion-scenes", "coco", "ade20k")
+DATASET_TASKS = {"fashion-scenes": ("segment", "detect"), "coco": ("detect",), "ade20k": ("segment",)}
 SPLITS = ("train", "val")
 IGNORE_INDEX = 255
 
@@ -684,7 +685,7 @@ class ADE20KSegmentation:
             ) from None
         if values.ndim != 2 or mode not in ("L", "P", "I", "I;16"):
             raise ValueError(
-                f"label map {path} is a {mode} image; label maps hold one class index per pixel (PNG mode L or P), "
+                f"label map {path} is an image of mode {mode}; label maps hold one class index per pixel (PNG mode L or P), "
                 "so convert colour-coded maps to indices"
             )
         if values.shape != tuple(size):
@@ -1035,6 +1036,12 @@ def build_dense_dataset(
             pretraining; ImageNet's for COCO and ADE20K).
         seed: the run seed, which with the epoch and index seeds each sample's transform.
     """
+    serves = DATASET_TASKS.get(name)
+    if serves is not None and task not in serves:
+        raise ValueError(
+            f"dataset {name} has no annotations for {task!r} (it serves {', '.join(serves)}); use "
+            f"{' or '.join(n for n, ts in DATASET_TASKS.items() if task in ts)}"
+        )
     source = build_dense_source(
         name,
         split,
