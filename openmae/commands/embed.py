@@ -50,6 +50,10 @@ class EmbedSettings:
     device: str = device_opt()
     num_workers: int = opt(2, "data-loading processes")
     progress: bool = opt(True, "show a progress bar")
+    allow_partial: bool = opt(
+        False, "use a checkpoint that lacks encoder tensors: they keep their initial values, and a line on stderr "
+        "names them (default: refuse it, naming them)"
+    )
 
     def __post_init__(self) -> None:
         check_choices(self, "embed")
@@ -59,7 +63,7 @@ def run(s: EmbedSettings) -> str:
     out = embed_folder(
         s.folder, s.out, checkpoint=s.checkpoint, model_name=s.model, pool=s.pool, img_size=s.img_size,
         crop_pct=s.crop_pct, mean=s.mean, std=s.std, batch_size=s.batch_size, precision=s.precision, device=s.device,
-        num_workers=s.num_workers, progress=s.progress,
+        num_workers=s.num_workers, progress=s.progress, allow_partial=s.allow_partial,
     )
     return f"embed: {out['count']} x {out['dim']} features in {out['path']}"
 
@@ -93,11 +97,13 @@ def embed_folder(
     device: str = "auto",
     num_workers: int = 0,
     progress: bool = False,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Encode every image under ``folder`` and write features and paths to ``out``.
 
     Returns ``{"path", "count", "dim", "failed"}``; files that cannot be decoded are left out
     and listed in ``failed``. ``precision="fp32"`` gives exact features; ``auto`` may pick bf16.
+    A checkpoint that lacks encoder tensors is refused (naming them) unless ``allow_partial``.
     """
     from openmae.config import ConfigError
     from openmae.data import ImageDataset, find_images
@@ -117,7 +123,9 @@ def embed_folder(
     files = find_images(folder)
     if not files:
         raise ConfigError(f"no images under {folder}")
-    model_cfg = ProbeEncoderConfig(checkpoint=checkpoint, name=model_name, global_pool=pool)
+    model_cfg = ProbeEncoderConfig(
+        checkpoint=checkpoint, name=model_name, global_pool=pool, allow_partial=allow_partial
+    )
     weights = read_encoder(checkpoint)
     _, arch_cfg = encoder_config(model_cfg, weights)
     channels = int(arch_cfg["in_chans"])
@@ -131,6 +139,9 @@ def embed_folder(
     runtime = Runtime.create(device, precision)
     torch.manual_seed(0)  # a random-initialisation baseline is the same every time
     model = build_feature_model(model_cfg, weights, img_size=size, in_chans=channels).to(runtime.device)
+    partial = model.load_report.partial_line() if model.load_report is not None else None
+    if partial is not None and runtime.is_main:
+        print(f"embed: {checkpoint}: {partial}", file=sys.stderr)
     features, ok = extract_features(
         model, dataset, runtime, pool=pool, batch_size=batch_size, num_workers=num_workers, progress=progress
     )

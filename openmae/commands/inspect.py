@@ -1,4 +1,4 @@
-"""``openmae inspect PATH``: what a checkpoint is, without building a model."""
+"""``openmae inspect PATH``: what a checkpoint is, and whether it holds every tensor of the model it implies."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def _yes_no(value: bool | None) -> str:
 
 def run(s: InspectSettings) -> None:
     from openmae.interop import inspect_checkpoint
+    from openmae.interop.weights import abbrev
 
     info = inspect_checkpoint(s.path)
     if s.json:
@@ -54,5 +55,17 @@ def run(s: InspectSettings) -> None:
         f"parameters:    {info['parameters']:,} (encoder {info['encoder_parameters']:,}, "
         f"decoder {info['decoder_parameters']:,}; fixed sin-cos tables not counted)"
     )
+    problems = [
+        ("missing", info["missing_encoder"], "encoder tensors not in the file (loading needs --allow-partial)"),
+        ("missing", info["missing_decoder"], "decoder tensors not in the file (loading needs --allow-partial)"),
+        ("mismatched", info["mismatched"], f"tensors of another shape or type than {info['arch']}'s"),
+        ("unexpected", info["unexpected"], f"tensors with no place in {info['arch']}"),
+    ]
+    for label, names, what in problems:
+        if names:
+            print(f"{label + ':':<15}{len(names)} {what}: {abbrev(names, 4)}")
+    if not any(names for _, names, _ in problems):
+        parts = "encoder and decoder" if info["has_decoder"] else "encoder"
+        print(f"tensors:       all of {info['arch']}'s {parts}")
     for note in info["notes"]:
         print(f"note:          {note}")

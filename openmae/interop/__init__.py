@@ -5,7 +5,9 @@ The one place that reads weights. ``load(path)`` recognises the format
 (:func:`read_weights`, one reader per format), builds the matching registered model (architecture
 from the file's record, else from tensor shapes: :mod:`~openmae.interop.architecture`) and loads
 it with a :class:`LoadReport` in ``model.load_report``. ``create_model(name, pretrained=path)``
-builds the named model and loads any format into it. ``export_pretrained(model, path, format)``
+builds the named model and loads any format into it. Loading is strict: an encoder tensor the file
+lacks is an error naming it unless ``allow_partial=True`` (the CLI's ``--allow-partial``); a file
+without a decoder is a note in the report. ``export_pretrained(model, path, format)``
 writes any of the four formats; ``inspect_checkpoint(path)`` describes a file without building a
 model; :mod:`~openmae.interop.classifier` builds the evaluation protocols' classifiers from any of them.
 """
@@ -21,7 +23,7 @@ from typing import Any
 import torch.nn as nn
 
 from openmae.interop import hf, native, official, swin, timm
-from openmae.interop.architecture import infer_architecture, load_into
+from openmae.interop.architecture import check_allocation, infer_architecture, load_into, plan_load
 from openmae.interop.detect import detect_file, detect_format, is_openmae
 from openmae.interop.weights import (
     DECODER_PREFIXES,
@@ -77,65 +79,84 @@ def _log(report: LoadReport) -> None:
 
 def build_for(weights: Weights, overrides: dict[str, Any]) -> tuple[nn.Module, str]:
     """(the model ``weights`` fit, not loaded yet; its registered name); what had to be assumed goes to
-    ``weights.notes``."""
+    ``weights.notes``. A description the file's tensors do not justify is refused before anything is
+    allocated (:func:`~openmae.interop.architecture.infer_architecture`, :func:`check_allocation`)."""
     arch, cfg, notes = infer_architecture(weights, overrides)
     weights.notes.extend(notes)
     if weights.mask_ratio is not None and weights.mask_ratio != 0.75 and "mask_ratio" not in overrides:
         ratio = weights.mask_ratio
         weights.notes.append(f"the file records mask_ratio {ratio}: pass mask_ratio={ratio} to the model's forward")
-    return build_model(arch, **cfg), arch
+    check_allocation(arch, cfg, weights)
+    try:
+        return build_model(arch, **cfg), arch
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(
+            f"{weights.source}: cannot build {arch} as the file describes it ({e}); re-export the file, or pass "
+            "the constructor arguments yourself"
+        ) from None
 
 
-def load(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, LoadReport]:
+def load(path: str | os.PathLike, allow_partial: bool = False, **overrides: Any) -> tuple[nn.Module, LoadReport]:
     """Build the matching model for any supported checkpoint and load it.
 
     Args:
         path: a file or directory in any of :data:`FORMATS`.
+        allow_partial: accept a file that lacks encoder tensors (or part of its decoder); they keep
+            their initial values and ``report.partial_line()`` says which. Without it such a file
+            is a ``ValueError`` naming them. A file without any decoder loads either way.
         overrides: constructor arguments that replace the recorded or inferred ones
             (``num_heads``, ``norm_pix_loss``, ``img_size``, ...).
     Returns:
         (model, report); the report is also ``model.load_report``.
+    Raises:
+        ValueError: the file is damaged, contradicts itself, or does not fit the model (the message names
+            the file and the tensors or entries); :class:`UnsafeCheckpointError` for pickles needing code.
+        FileNotFoundError: no such file.
     """
     weights = read_weights(path)
     model, arch = build_for(weights, overrides)
-    report = load_into(model, weights, arch, strict=weights.format == "openmae")
+    report = load_into(model, weights, arch, strict=weights.format == "openmae", allow_partial=allow_partial)
     model.load_report = report
     _log(report)
     return model, report
 
 
-def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+def load_pretrained(path: str | os.PathLike, allow_partial: bool = False, **overrides: Any) -> nn.Module:
     """:func:`load` without the tuple: the model, with its report in ``model.load_report``.
 
     ``overrides`` change constructor arguments; for openmae's own files only those that do not
     touch the weights' shapes (``norm_pix_loss``, ``mask_type``, ``attn_impl``, ...).
     """
-    return load(path, **overrides)[0]
+    return load(path, allow_partial=allow_partial, **overrides)[0]
 
 
-def load_weights_into(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+def load_weights_into(model: nn.Module, path: str | os.PathLike, allow_partial: bool = False) -> LoadReport:
     """Load any supported checkpoint into an already-built model.
 
-    Shape mismatches are refused with the parameter's name; the report lands in ``model.load_report``.
+    Shape mismatches are refused with the parameter's name, and so are missing encoder tensors unless
+    ``allow_partial`` (see :func:`load`); the report lands in ``model.load_report``.
     """
     weights = read_weights(path)
-    report = load_into(model, weights, strict=weights.format == "openmae")
+    report = load_into(model, weights, strict=weights.format == "openmae", allow_partial=allow_partial)
     model.load_report = report
     _log(report)
     return report
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
+def create_model(
+    name: str, pretrained: str | os.PathLike | None = None, allow_partial: bool = False, **overrides: Any
+) -> nn.Module:
     """Build a registered model, with constructor overrides (``img_size=32, in_chans=1, ...``).
 
     Args:
         name: a name from :func:`openmae.list_models`.
         pretrained: optional path to weights (any format :func:`load` reads) to load into the built model.
+        allow_partial: with ``pretrained``, accept a file that lacks encoder tensors (see :func:`load`).
         overrides: constructor arguments that replace the variant's defaults.
     """
     model = build_model(name, **overrides)
     if pretrained is not None:
-        load_weights_into(model, pretrained)
+        load_weights_into(model, pretrained, allow_partial=allow_partial)
     return model
 
 
@@ -194,14 +215,22 @@ def _numel(state: dict[str, Any]) -> int:
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """What a checkpoint is, without building a model: format, kind, architecture, decoder,
-    norm-pix, parameter counts (fixed sin-cos tables excluded) and notes."""
+    """What a checkpoint is: format, kind, architecture, decoder, norm-pix, parameter counts (fixed
+    sin-cos tables excluded) and notes; and how it fits the architecture it implies, which is built
+    to compare (``missing_encoder``, ``missing_decoder``: tensors the file lacks; ``mismatched``:
+    tensors of another shape or type; ``unexpected``: tensors with no place in it)."""
     weights = read_weights(path)
     arch, cfg, notes = infer_architecture(weights)
     decoder = {k: v for k, v in weights.state.items() if k.startswith(DECODER_PREFIXES)}
     encoder = {k: v for k, v in weights.state.items() if k not in decoder}
     head = weights.extras.get("head.weight", weights.extras.get("head.fc.weight"))  # ViT's, Swin's
     norm_pix = weights.config.get("norm_pix_loss")
+    check_allocation(arch, cfg, weights)
+    try:
+        own = build_model(arch, **cfg).state_dict()
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{path}: cannot build the {arch} it describes ({e}); re-export it") from None
+    plan = plan_load(own, weights, exact=weights.format == "openmae")
     return {
         "path": str(path),
         "format": weights.format,
@@ -211,9 +240,13 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "has_decoder": weights.has_decoder,
         "norm_pix_loss": None if norm_pix is None else bool(norm_pix),
         "mask_ratio": weights.mask_ratio,
-        "num_classes": None if head is None else int(head.shape[0]),
+        "num_classes": None if head is None or head.dim() == 0 else int(head.shape[0]),
         "parameters": _numel(encoder) + _numel(decoder) + _numel(weights.extras),
         "encoder_parameters": _numel(encoder),
         "decoder_parameters": _numel(decoder),
+        "missing_encoder": plan.missing_encoder,
+        "missing_decoder": plan.missing_decoder if weights.has_decoder else [],
+        "mismatched": plan.mismatched,
+        "unexpected": plan.unexpected,
         "notes": weights.notes + notes,
     }

@@ -1,10 +1,18 @@
 """From a :class:`Weights` to a built model: the architecture a file implies (recorded config, then
-tensor shapes, then standard head counts) and loading into a model with a :class:`LoadReport`."""
+tensor shapes, then standard head counts) and loading into a model with a :class:`LoadReport`.
+
+A file's description is checked before anything is built from it: every size it declares must be a
+sane whole number (:data:`LIMITS`), agree with the tensors it holds (a recorded ``embed_dim`` with
+the patch embedding's width, ...), and the model it describes must not need far more memory than
+its tensors hold (:func:`check_allocation`). Loading is strict: an encoder tensor the file lacks,
+or a decoder it holds only part of, is an error naming them unless the caller allows a partial load.
+"""
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,10 +20,19 @@ import torch.nn as nn
 from torch import Tensor
 
 from openmae.interop.swin import infer_swin_config, is_swin_state
-from openmae.interop.weights import DECODER_PREFIXES, FIXED, LoadReport, Weights, abbrev
+from openmae.interop.weights import (
+    CLASSIFIER_PREFIXES,
+    DECODER_PARTS,
+    DECODER_PREFIXES,
+    FIXED,
+    PARTIAL_NOTE,
+    LoadReport,
+    Weights,
+    abbrev,
+)
 from openmae.io import unwrap
 from openmae.models import list_models, model_factory
-from openmae.patches import sincos_2d
+from openmae.patches import sincos_2d, to_2tuple
 
 # -- architecture from shapes ------------------------------------------------------------------
 
@@ -25,45 +42,197 @@ def _depth(state: dict[str, Tensor], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def tensor_shape(state: dict[str, Tensor], key: str, ndims: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape of ``state[key]`` (None when absent), refused unless it has one of ``ndims``
+    dimensions, none of them empty: the shapes a model is built from must be real ones."""
+    t = state.get(key)
+    if t is None:
+        return None
+    if t.dim() not in ndims or 0 in t.shape:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{key} has shape {tuple(t.shape)}, where a {want} tensor with no empty dimension belongs")
+    return tuple(t.shape)
+
+
 def infer_config(state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
     """Constructor arguments implied by tensor shapes (heads are not: they leave no trace in shapes).
 
     ``img_size`` comes from the length of ``pos_embed`` (cls row + a square grid assumed).
     """
     notes: list[str] = []
-    w = state.get("patch_embed.proj.weight")
     if "patch_embed1.proj.weight" in state:
         raise ValueError(
             "this looks like a ConvMAE checkpoint, whose architecture cannot be inferred; build the model "
             "and load into it: openmae.create_model('convmae_base_patch16', pretrained=path, ...)"
         )
-    if w is None or w.dim() != 4:
+    w = tensor_shape(state, "patch_embed.proj.weight", (4,))
+    if w is None:
         raise ValueError("no conv patch embedding (patch_embed.proj.weight): not a ViT / MAE checkpoint")
-    dim, chans, ph, pw = w.shape
+    dim, chans, ph, pw = w
     if ph != pw:
         raise ValueError(f"patch_embed.proj.weight has non-square {ph}x{pw} patches; openmae's ViT needs square ones")
     cfg: dict[str, Any] = {"embed_dim": dim, "in_chans": chans, "patch_size": ph, "depth": _depth(state, "blocks.")}
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    fc1 = tensor_shape(state, "blocks.0.mlp.fc1.weight", (2,))
     if fc1 is not None:
-        cfg["mlp_ratio"] = fc1.shape[0] / dim
-    pos = state.get("pos_embed")
+        cfg["mlp_ratio"] = fc1[0] / dim
+    pos = tensor_shape(state, "pos_embed", (2, 3))
     if pos is not None:
-        tokens = pos.shape[-2] - 1
+        tokens = pos[-2] - 1
         side = math.isqrt(tokens)
         if side * side == tokens:
             cfg["img_size"] = side * ph
         else:
             notes.append(f"pos_embed holds {tokens + 1} rows, not a cls row plus a square grid; pass img_size=(H, W)")
-    if "decoder_embed.weight" in state:
-        cfg["decoder_embed_dim"] = state["decoder_embed.weight"].shape[0]
+    decoder = tensor_shape(state, "decoder_embed.weight", (2,))
+    if decoder is not None:
+        cfg["decoder_embed_dim"] = decoder[0]
         cfg["decoder_depth"] = _depth(state, "decoder_blocks.")
-        dfc1 = state.get("decoder_blocks.0.mlp.fc1.weight")
-        if dfc1 is not None and "mlp_ratio" in cfg and dfc1.shape[0] / cfg["decoder_embed_dim"] != cfg["mlp_ratio"]:
+        dfc1 = tensor_shape(state, "decoder_blocks.0.mlp.fc1.weight", (2,))
+        if dfc1 is not None and "mlp_ratio" in cfg and dfc1[0] / cfg["decoder_embed_dim"] != cfg["mlp_ratio"]:
             raise ValueError(
-                f"decoder MLP ratio {dfc1.shape[0] / cfg['decoder_embed_dim']} differs from the encoder's "
+                f"decoder MLP ratio {dfc1[0] / cfg['decoder_embed_dim']} differs from the encoder's "
                 f"{cfg['mlp_ratio']}; openmae's MAE uses one mlp_ratio for both"
             )
     return cfg, notes
+
+
+# -- what a file may declare -------------------------------------------------------------------
+
+# The largest value of each size that any model openmae builds could have (ViT-22B is 6144 wide and
+# 48 deep); a file declaring more is damaged, and is refused before anything is allocated.
+LIMITS = {
+    "img_size": 16384,
+    "patch_size": 1024,
+    "in_chans": 1024,
+    "embed_dim": 16384,
+    "decoder_embed_dim": 16384,
+    "depth": 512,
+    "decoder_depth": 512,
+    "depths": 512,
+    "num_heads": 1024,
+    "decoder_num_heads": 1024,
+    "window_size": 256,
+    "num_classes": 1_000_000,
+}
+MAX_STAGES = 8  # entries of a per-stage list (Swin's depths, ConvMAE's widths)
+CAN_BE_ZERO = ("depth", "decoder_depth", "depths", "num_classes")
+# Sizes that shapes show: a declared value must agree with the tensor that carries it.
+SHAPE_KEYS = ("embed_dim", "in_chans", "patch_size", "mlp_ratio", "decoder_embed_dim")
+SWIN_SHAPE_KEYS = ("embed_dim", "in_chans", "patch_size", "window_size", "num_heads", "mlp_ratio")
+# Building may allocate what the file's tensors hold times this margin (an encoder-only file still
+# gets the paper's decoder; Swin's window tables), plus this many values (256 MB in fp32).
+ALLOC_MARGIN = 4
+ALLOC_SLACK = 2**26
+
+
+def _where(key: str, weights: Weights, overrides: dict[str, Any]) -> str:
+    if key in overrides:
+        return f"the override {key}"
+    return f"{weights.source}: {weights.origin.get(key, f'its {key}')}"
+
+
+def _fix(key: str, overrides: dict[str, Any]) -> str:
+    if key in overrides:
+        return f"change the {key} override"
+    return f"the file's description is damaged: re-export it, or pass {key}=... yourself"
+
+
+def check_config(cfg: dict[str, Any], weights: Weights, overrides: dict[str, Any]) -> None:
+    """Refuse a size that is not a whole number in range (:data:`LIMITS`), or a ratio that is not a
+    positive number, naming where it was declared (the file's entry, or an override)."""
+    for key, limit in LIMITS.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (list, tuple)) and not 1 <= len(values) <= MAX_STAGES:
+            raise ValueError(
+                f"{_where(key, weights, overrides)} is {value!r}: one to {MAX_STAGES} entries were expected; "
+                f"{_fix(key, overrides)}"
+            )
+        low = 0 if key in CAN_BE_ZERO else 1
+        for v in values:
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(
+                    f"{_where(key, weights, overrides)} is {value!r}, not a whole number >= {low}; "
+                    f"{_fix(key, overrides)}"
+                )
+            if v > limit:
+                raise ValueError(
+                    f"{_where(key, weights, overrides)} is {value!r}, beyond any model openmae builds (at most "
+                    f"{limit:,}); {_fix(key, overrides)}"
+                )
+    for key, high in (("mlp_ratio", 64.0), ("norm_eps", 1.0)):
+        v = cfg.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= high
+        if key in cfg and not (ok and (v > 0 or key == "norm_eps")):
+            raise ValueError(
+                f"{_where(key, weights, overrides)} is {v!r}, not a number in (0, {high}]; {_fix(key, overrides)}"
+            )
+
+
+def _agree(keys: tuple[str, ...], shaped: dict[str, Any], weights: Weights, overrides: dict[str, Any]) -> None:
+    """Refuse a declared size that its tensors contradict (the file describes another model)."""
+    for key in keys:
+        if key in overrides or key not in weights.config or key not in shaped:
+            continue
+        declared, actual = weights.config[key], shaped[key]
+        if isinstance(actual, float):
+            same = (
+                isinstance(declared, (int, float)) and not isinstance(declared, bool) and math.isclose(declared, actual)
+            )
+        else:
+            same = declared == actual or (isinstance(declared, (list, tuple)) and list(declared) == list(actual))
+        if not same:
+            raise ValueError(
+                f"{_where(key, weights, overrides)} is {declared!r}, but its tensors give {actual!r}: the file "
+                "contradicts itself; re-export it, or pass the value its tensors give"
+            )
+    depth, declared = shaped.get("depth"), weights.config.get("depth")
+    if isinstance(depth, int) and isinstance(declared, int) and "depth" not in overrides and declared < depth:
+        raise ValueError(
+            f"{_where('depth', weights, overrides)} is {declared}, but the file holds blocks up to blocks.{depth - 1}: "
+            "the file contradicts itself; re-export it"
+        )
+
+
+def allocation_estimate(cfg: dict[str, Any]) -> int:
+    """About how many values building a model with ``cfg`` allocates (weights and fixed tables), an
+    upper estimate for every family openmae registers; sizes ``cfg`` leaves out take ViT-B's values."""
+    h, w = to_2tuple(cfg.get("img_size", 224))
+    patch = cfg.get("patch_size", 4)  # ConvMAE has none: its first stage embeds 4x4 patches
+    tokens = -(-h // patch) * -(-w // patch)
+    ratio = max(float(cfg.get("mlp_ratio", 4.0)), 1.0)
+
+    def block(width: int) -> int:  # two norms, qkv, projection, MLP
+        return int((4 + 2 * ratio) * width * width)
+
+    def as_list(value: Any) -> list[int]:
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    depths = as_list(cfg.get("depths", cfg.get("depth", 12)))
+    widths = as_list(cfg.get("embed_dim", 768))
+    if "depths" in cfg:  # Swin doubles its width at every stage
+        widths = [widths[0] * 2**s for s in range(len(depths))]
+    widths = widths + widths[-1:] * (len(depths) - len(widths))
+    window = cfg.get("window_size", 0) if "depths" in cfg else 0  # Swin's position index and shift mask
+    total = sum(n * (block(d) + window**4 + tokens * window**2) for n, d in zip(depths, widths))
+    width, decoder = max(widths), cfg.get("decoder_embed_dim", 0)
+    total += cfg.get("decoder_depth", 0) * block(decoder) + width * decoder
+    total += 2 * tokens * (width + decoder) + cfg.get("in_chans", 3) * patch * patch * (width + decoder)
+    return total + cfg.get("num_classes", 0) * width
+
+
+def check_allocation(arch: str, cfg: dict[str, Any], weights: Weights) -> None:
+    """Refuse to build a model far larger than the tensors of the file it is built from."""
+    held = sum(t.numel() for t in (*weights.state.values(), *weights.extras.values()))
+    needed = allocation_estimate(cfg)
+    if needed > ALLOC_MARGIN * held + ALLOC_SLACK:
+        raise ValueError(
+            f"{weights.source}: the {arch} it describes would allocate about {needed:,} values, far more than the "
+            f"{held:,} its tensors hold; its description (sizes, depth, image size) is damaged: re-export it, or "
+            "pass the sizes yourself"
+        )
 
 
 # Standard ViT widths (the ViT and MAE papers): heads, and the size word in registered names.
@@ -105,17 +274,31 @@ def infer_architecture(
     shapes imply, then standard head counts, with ``overrides`` last. Whatever is still unset
     takes the registered variant's default when the model is built.
 
+    Every declared size is checked (:func:`check_config`) and compared with the tensors that carry
+    it; a file that contradicts itself is a ``ValueError`` naming the entry.
+
     Returns:
         (arch, config, notes): notes say what had to be assumed.
     """
     overrides = dict(overrides or {})
     if weights.complete:
-        return weights.arch, {**weights.config, **overrides}, []
+        cfg = {**weights.config, **overrides}
+        check_config(cfg, weights, overrides)
+        _check_record(weights, overrides)
+        return weights.arch, cfg, []
     if is_swin_state(weights.state):
-        return _swin_architecture(weights, overrides)
+        arch, cfg, notes = _swin_architecture(weights, overrides)
+        check_config(cfg, weights, overrides)
+        return arch, cfg, notes
     notes: list[str] = []
-    shaped, shape_notes = infer_config(weights.state)
+    try:
+        shaped, shape_notes = infer_config(weights.state)
+    except ValueError as e:
+        raise ValueError(f"{weights.source}: {e}") from None
     cfg = {**shaped, **weights.config}
+    check_config({**cfg, **overrides}, weights, overrides)
+    _agree(SHAPE_KEYS, shaped, weights, overrides)
+    cfg.update({k: v for k, v in overrides.items() if k in ("embed_dim", "patch_size")})  # what the guesses read
     arch = weights.arch if weights.arch in mae_variants() else match_variant(cfg)
     if "num_heads" not in cfg and "num_heads" not in overrides:
         dim = cfg["embed_dim"]
@@ -137,13 +320,31 @@ def infer_architecture(
     if "img_size" in overrides or "img_size" in weights.config:
         shape_notes = [n for n in shape_notes if not n.startswith("pos_embed")]
     cfg.update(overrides)
+    check_config(cfg, weights, overrides)
     return arch, cfg, shape_notes + notes
+
+
+def _check_record(weights: Weights, overrides: dict[str, Any]) -> None:
+    """An openmae record against its own tensors (ViT and Swin families; ConvMAE's shapes are not read)."""
+    try:
+        if is_swin_state(weights.state) and "patch_embed.proj.weight" in weights.state:
+            _agree(SWIN_SHAPE_KEYS, infer_swin_config(weights.state)[0], weights, overrides)
+        elif "patch_embed.proj.weight" in weights.state and "patch_embed1.proj.weight" not in weights.state:
+            _agree(SHAPE_KEYS, infer_config(weights.state)[0], weights, overrides)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(weights.source) else f"{weights.source}: {message}") from None
 
 
 def _swin_architecture(weights: Weights, overrides: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
     """A Swin classifier (``swin_*``) or, with SimMIM's pixel head, its pretraining model (``simmim_swin_*``)."""
-    cfg, notes = infer_swin_config(weights.state)
+    try:
+        cfg, notes = infer_swin_config(weights.state)
+    except ValueError as e:
+        raise ValueError(f"{weights.source}: {e}") from None
+    _agree(SWIN_SHAPE_KEYS, cfg, weights, overrides)
     cfg.update(weights.config)
+    check_config({**cfg, **overrides}, weights, overrides)
     if "img_size" in weights.config or "img_size" in overrides:
         notes = [n for n in notes if not n.startswith("img_size")]
     family = "simmim_swin_" if "decoder_pred.weight" in weights.state else "swin_"
@@ -152,7 +353,7 @@ def _swin_architecture(weights: Weights, overrides: dict[str, Any]) -> tuple[str
         raise ValueError(f"{weights.source} holds Swin weights, but no {family}* model is registered")
     if family == "swin_":  # a classifier's head, or none: features out
         head = weights.extras.get("head.fc.weight")
-        cfg["num_classes"] = 0 if head is None else int(head.shape[0])
+        cfg["num_classes"] = 0 if head is None or head.dim() == 0 else int(head.shape[0])
 
     def distance(name: str) -> tuple:  # the variant of the same width and depths, else the nearest
         defaults = model_factory(name).defaults
@@ -166,16 +367,34 @@ def _swin_architecture(weights: Weights, overrides: dict[str, Any]) -> tuple[str
 # -- loading into a built model ----------------------------------------------------------------
 
 
-def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: bool = True) -> None:
-    """``load_state_dict`` with messages that name the offending parameters."""
-    own = model.state_dict()
+def _mismatches(own: dict[str, Tensor], state: dict[str, Tensor]) -> list[str]:
+    """What cannot be copied into the model: other shapes, or integers where it has floats."""
     bad = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
         if k in own and own[k].shape != v.shape
     ]
+    bad += [
+        f"{k}: checkpoint {v.dtype} vs model {own[k].dtype}"
+        for k, v in state.items()
+        if k in own and own[k].is_floating_point() and not v.is_floating_point()
+    ]
+    return bad
+
+
+def _mismatch_error(source: str, bad: list[str]) -> ValueError:
+    return ValueError(
+        f"shape mismatch loading {source} ({len(bad)} tensors of another shape or type): {'; '.join(bad[:6])}"
+        f"{' ...' if len(bad) > 6 else ''}; build the model the file describes, or pass its sizes"
+    )
+
+
+def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: bool = True) -> None:
+    """``load_state_dict`` with messages that name the offending parameters."""
+    own = model.state_dict()
+    bad = _mismatches(own, state)
     if bad:
-        raise ValueError(f"shape mismatch loading {source}:\n  " + "\n  ".join(bad))
+        raise _mismatch_error(source, bad)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise ValueError(
@@ -185,18 +404,74 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: 
 
 def is_sincos_table(t: Tensor) -> bool:
     """Whether ``t`` (1, 1 + L, D) is the fixed 2D sin-cos table (zero cls row) of a square grid."""
+    if t.dim() < 2 or not t.is_floating_point():
+        return False
     tokens = t.shape[-2] - 1
     side = math.isqrt(max(tokens, 0))
-    if side * side != tokens or t.shape[-1] % 4:
+    if side * side != tokens or t.shape[-1] % 4 or t.shape[-1] == 0:
         return False
     ref = sincos_2d(t.shape[-1], (side, side), cls_token=True)
-    return torch.allclose(t.reshape(ref.shape).float(), ref, atol=1e-5)
+    return t.numel() == ref.numel() and torch.allclose(t.reshape(ref.shape).float(), ref, atol=1e-5)
 
 
-def _select(
-    own: dict[str, Tensor], weights: Weights, model_name: str
-) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str], list[str]]:
-    """(tensors to load, extras left over, notes, ignored decoder keys) for a lenient load."""
+@dataclass
+class LoadPlan:
+    """What loading a file into a model would do, before anything is copied.
+
+    Attributes:
+        state: tensors to copy, under the model's names.
+        extras: file tensors the model has no place for but a user may want (a classifier's head).
+        notes: what the report will say.
+        ignored: decoder tensors the model has no place for (it has no decoder).
+        unexpected: other tensors with no place in the model: another architecture.
+        mismatched: tensors of another shape or type than the model's (``name: checkpoint ... vs model ...``).
+        missing_encoder: encoder tensors the file lacks (a classifier's new head, the fixed position tables,
+            and a final norm the file's fc_norm replaces are not counted).
+        missing_decoder: decoder tensors the file lacks.
+        partial_decoder: the file holds a decoder, but not all of it.
+    """
+
+    state: dict[str, Tensor]
+    extras: dict[str, Tensor]
+    notes: list[str]
+    ignored: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    missing_encoder: list[str] = field(default_factory=list)
+    missing_decoder: list[str] = field(default_factory=list)
+    partial_decoder: bool = False
+
+
+def plan_load(own: dict[str, Tensor], weights: Weights, exact: bool = False) -> LoadPlan:
+    """Match a file's tensors to a model's state dict (``own``) without changing the model.
+
+    ``exact`` (openmae's own files, which record the model): every tensor is the model's. Otherwise
+    the fixed sin-cos tables are recomputed where the file's do not fit, decoder tensors a model
+    without decoder has no place for are ignored, and ``head.*`` / ``fc_norm.*`` go into the model
+    when it has them and into ``extras`` otherwise.
+    """
+    if exact:
+        state = dict(weights.state)
+        plan = LoadPlan(state, {}, list(weights.notes), unexpected=sorted(k for k in state if k not in own))
+        for k in plan.unexpected:
+            del state[k]
+    else:
+        plan = _select(own, weights)
+    plan.mismatched = _mismatches(own, plan.state)
+    missing = [k for k in own if k not in plan.state and k not in FIXED]
+    replaced_norm = any(k.startswith("fc_norm.") for k in (*weights.state, *weights.extras))
+    plan.missing_decoder = [k for k in missing if k.startswith(DECODER_PARTS)]
+    plan.missing_encoder = [
+        k
+        for k in missing
+        if not k.startswith(DECODER_PARTS + CLASSIFIER_PREFIXES) and not (replaced_norm and k.startswith("norm."))
+    ]
+    plan.partial_decoder = bool(plan.missing_decoder) and weights.has_decoder
+    return plan
+
+
+def _select(own: dict[str, Tensor], weights: Weights) -> LoadPlan:
+    """The lenient match of :func:`plan_load`."""
     state = dict(weights.state)
     extras = dict(weights.extras)
     notes = list(weights.notes)
@@ -204,7 +479,7 @@ def _select(
         t = state.get(key)
         if t is None or key not in own:
             continue
-        if not t.any():
+        if t.shape == own[key].shape and t.is_floating_point() and not t.any():
             del state[key]
             notes.append(
                 f"{key} is all zeros in the file (transformers 5 leaves it unset when a model is built from a "
@@ -213,7 +488,11 @@ def _select(
         elif t.shape != own[key].shape and is_sincos_table(t):
             del state[key]
             notes.append(f"{key}: the file's sin-cos table is for another grid; recomputed for this model's")
-        elif t.shape == own[key].shape and not torch.allclose(t.float(), own[key].float(), atol=1e-5):
+        elif (
+            t.shape == own[key].shape
+            and t.is_floating_point()
+            and not torch.allclose(t.float(), own[key].float(), atol=1e-5)
+        ):
             notes.append(f"{key} in the file is not the fixed sin-cos table; loaded as stored")
 
     ignored, unknown = [], []
@@ -225,65 +504,96 @@ def _select(
         else:
             unknown.append(key)
         del state[key]
-    if unknown:
-        raise ValueError(
-            f"{weights.source}: {len(unknown)} tensors have no place in {model_name}: "
-            f"{abbrev(sorted(unknown))}. The checkpoint's architecture differs from openmae's ViT "
-            "(layer scale, qk-norm, register tokens or a different block layout)"
-        )
     if ignored:
         notes.append(f"{len(ignored)} decoder tensors ignored: this model has no decoder")
     for key in list(extras):
         if key in own:
             state[key] = extras.pop(key)
+    return LoadPlan(state, extras, notes, ignored=ignored, unexpected=sorted(unknown))
 
-    return state, extras, notes, ignored
+
+def incomplete_message(source: str, plan: LoadPlan, arch: str) -> str:
+    """Why a strict load refuses ``plan``, naming the tensors the file lacks."""
+    parts = []
+    if plan.missing_encoder:
+        parts.append(f"{len(plan.missing_encoder)} tensors of {arch}'s encoder ({abbrev(plan.missing_encoder, 4)})")
+    if plan.partial_decoder:
+        parts.append(
+            f"{len(plan.missing_decoder)} tensors of its decoder ({abbrev(plan.missing_decoder, 4)}) although it "
+            "holds the rest of one"
+        )
+    return (
+        f"{source} lacks {' and '.join(parts)}: the file is incomplete (an interrupted save or export?) or holds "
+        "another architecture; re-export it, or pass --allow-partial (Python: allow_partial=True) to load it with "
+        "those tensors left at their initial values"
+    )
 
 
-def load_into(model: nn.Module, weights: Weights, arch: str | None = None, strict: bool = False) -> LoadReport:
-    """Load ``weights`` into a built model; refuse shape mismatches, report what is missing.
+def load_into(
+    model: nn.Module, weights: Weights, arch: str | None = None, strict: bool = False, *, allow_partial: bool = False
+) -> LoadReport:
+    """Load ``weights`` into a built model with a :class:`LoadReport` (also in the return value only).
 
-    Decoder tensors a model has no place for are ignored; ``head.*`` / ``fc_norm.*`` go into the
-    model when it has them and into ``report.extras`` otherwise. Any other unknown tensor means the
-    architectures differ, and is refused. ``strict`` (openmae's own files, which record the exact
-    model): every tensor must fit and none may be missing.
+    Refused with a ``ValueError`` naming the tensors: any of another shape; any the model has no place for
+    (decoder tensors of a model without decoder are ignored; ``head.*`` / ``fc_norm.*`` go into
+    ``report.extras``); and, unless ``allow_partial``, an encoder tensor the file lacks or a decoder it
+    holds only part of. A file without any decoder is reported, not refused: the decoder keeps its
+    initial values. ``strict``: the file records this exact model (openmae's own files), so nothing is
+    renamed, recomputed or set aside.
     """
     model = unwrap(model)
     own = model.state_dict()
-    if strict:
-        state, extras, notes, ignored = dict(weights.state), {}, list(weights.notes), []
-        load_state(model, state, source=weights.source, strict=True)
-    else:
-        state, extras, notes, ignored = _select(own, weights, arch or type(model).__name__)
-        load_state(model, state, source=weights.source, strict=False)
-    missing = [k for k in own if k not in state and k not in FIXED]
+    name = arch or getattr(model, "arch", type(model).__name__)
+    plan = plan_load(own, weights, exact=strict)
+    if plan.unexpected and strict:
+        raise ValueError(
+            f"{weights.source} does not match {name}: {len(plan.unexpected)} of its tensors have no place in the "
+            f"model ({abbrev(plan.unexpected)}); its description and its tensors disagree: re-export it"
+        )
+    if plan.unexpected:
+        raise ValueError(
+            f"{weights.source}: {len(plan.unexpected)} tensors have no place in {name}: "
+            f"{abbrev(plan.unexpected)}. The checkpoint's architecture differs from openmae's ViT "
+            "(layer scale, qk-norm, register tokens or a different block layout)"
+        )
+    if plan.mismatched:
+        raise _mismatch_error(f"{weights.source}", plan.mismatched)
+    accepted = plan.missing_encoder + (plan.missing_decoder if plan.partial_decoder else [])
+    if accepted and not allow_partial:
+        raise ValueError(incomplete_message(weights.source, plan, name))
+    model.load_state_dict(plan.state, strict=False)
+    notes = plan.notes
+    if accepted:
+        notes.append(
+            f"{PARTIAL_NOTE}: {len(accepted)} tensors not in the file keep their initial values: {abbrev(accepted)}"
+        )
+    missing = [k for k in own if k not in plan.state and k not in FIXED]
     if not weights.has_decoder and any(k.startswith(DECODER_PREFIXES) for k in own):
         notes.append("no decoder: reconstruction unavailable (the decoder keeps its random initialisation)")
-    if "norm.weight" in missing:
+    if "norm.weight" in missing and "norm.weight" not in plan.missing_encoder:
         notes.append(
             "no final norm in the file (fine-tuned with global pooling, where fc_norm replaces it); "
             "norm keeps its initial value"
         )
-    if "head.weight" in extras:
-        n_classes = extras["head.weight"].shape[0]
+    if "head.weight" in plan.extras:
+        n_classes = plan.extras["head.weight"].shape[0] if plan.extras["head.weight"].dim() else 0
         notes.append(
             f"classifier head: {n_classes} classes; load with openmae finetune "
             "(the head and fc_norm tensors are in report.extras)"
         )
     norm_pix = weights.config.get("norm_pix_loss")
-    report = LoadReport(
+    return LoadReport(
         source=weights.source,
         format=weights.format,
         kind=weights.kind,
-        arch=arch or getattr(model, "arch", type(model).__name__),
+        arch=name,
         config=dict(getattr(model, "config", {}) or {}),
-        loaded=sorted(state),
+        loaded=sorted(plan.state),
         missing=missing,
-        ignored=ignored,
+        ignored=plan.ignored,
         notes=notes,
-        extras=extras,
+        extras=plan.extras,
         mask_ratio=weights.mask_ratio,
         has_decoder=weights.has_decoder,
         norm_pix_loss=None if norm_pix is None else bool(norm_pix),
     )
-    return report

@@ -19,7 +19,7 @@ from torch import Tensor
 from openmae.config import ConfigError
 from openmae.eval_config import EncoderConfig
 from openmae.interop import LoadReport, UnsafeCheckpointError, Weights, read_weights
-from openmae.interop.architecture import infer_architecture, load_into
+from openmae.interop.architecture import check_allocation, infer_architecture, load_into
 from openmae.io import read_model_record, read_safetensors_metadata
 from openmae.models import create_model, model_factory
 from openmae.models.classifier import classifier_args, classifier_defaults, classifier_name
@@ -39,7 +39,13 @@ def read_encoder(checkpoint: str | None) -> Weights | None:
     except UnsafeCheckpointError as e:
         raise ConfigError(str(e)) from None
     except ValueError as e:
-        raise ConfigError(f"cannot read {checkpoint}: {e}") from None
+        raise ConfigError(_naming(checkpoint, f"cannot read {checkpoint}: ", e)) from None
+
+
+def _naming(path: str, prefix: str, error: Exception) -> str:
+    """``error``'s message, with ``prefix`` where it does not name ``path`` already."""
+    message = str(error)
+    return message if str(path) in message else prefix + message
 
 
 def _shape(cfg: dict[str, Any]) -> tuple:
@@ -54,7 +60,7 @@ def _architecture(model_cfg: EncoderConfig, weights) -> tuple[str, dict[str, Any
     try:
         arch, cfg, _ = infer_architecture(weights)
     except ValueError as e:
-        raise ConfigError(f"{weights.source}: {e}") from None
+        raise ConfigError(_naming(weights.source, f"{weights.source}: ", e)) from None
     name = classifier_name(arch)
     if name is None:
         raise ConfigError(
@@ -144,13 +150,20 @@ def build_classifier(
             f"pass --data.channels {file_chans}"
         )
     kwargs["in_chans"] = in_chans
+    if weights is not None:
+        try:
+            check_allocation(name, kwargs, weights)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     try:
         model = create_model(name, **kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AssertionError) as e:
         raise ConfigError(f"cannot build {name}: {e}") from None
     model.load_report = None
     if weights is not None:
-        model.load_report = load_classifier_weights(model, weights, require_head=layout.trained)
+        model.load_report = load_classifier_weights(
+            model, weights, require_head=layout.trained, allow_partial=model_cfg.allow_partial
+        )
     return model
 
 
@@ -174,12 +187,15 @@ def _head_kind(keys: set[str]) -> str:
     return "BatchNorm + linear (linear probe)" if any(k.endswith("running_mean") for k in keys) else "linear"
 
 
-def load_classifier_weights(model: nn.Module, weights: Weights, require_head: bool = False) -> LoadReport:
+def load_classifier_weights(
+    model: nn.Module, weights: Weights, require_head: bool = False, allow_partial: bool = False
+) -> LoadReport:
     """Load a checkpoint into a classifier; returns interop's :class:`LoadReport`.
 
     The decoder and pretraining-only tensors are ignored. The trunk's final ``norm`` is left out
     when ``fc_norm`` replaces it (average pooling, the paper's fine-tuning), ``fc_norm`` when the
-    model pools the cls token. A head loads only when its layout and class count fit.
+    model pools the cls token. A head loads only when its layout and class count fit. An encoder
+    tensor the file lacks is refused, naming it, unless ``allow_partial`` (the report then says which).
     """
     tensors = {k: v for k, v in checkpoint_tensors(weights).items() if not k.startswith(PRETRAIN_ONLY)}
     own = model.state_dict()
@@ -202,16 +218,18 @@ def load_classifier_weights(model: nn.Module, weights: Weights, require_head: bo
             tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
             notes.append(why)
     try:
-        report = load_into(model, dataclasses.replace(weights, state=tensors, extras={}), arch=model.arch)
+        report = load_into(
+            model, dataclasses.replace(weights, state=tensors, extras={}), arch=model.arch, allow_partial=allow_partial
+        )
     except ValueError as e:
-        raise ConfigError(f"cannot load {weights.source} into {model.arch}: {e}") from None
+        raise ConfigError(_naming(weights.source, f"cannot load {weights.source} into {model.arch}: ", e)) from None
     report.notes = notes + report.notes
     return report
 
 
 def _classes(tensors: dict[str, Tensor], head: set[str]) -> int:
     bias = [k for k in head if k.endswith("bias")]
-    return int(tensors[bias[-1]].shape[0]) if bias else -1
+    return int(tensors[bias[-1]].shape[0]) if bias and tensors[bias[-1]].dim() else -1
 
 
 def _head_mismatch(source: str, tensors: dict, file_head: set[str], model_head: set[str], num_classes: int) -> str:
@@ -235,9 +253,13 @@ def check_resumable(path: Path | None, model: nn.Module) -> None:
     """Refuse to resume a checkpoint of another architecture or class count, before the engine tries."""
     if path is None:
         return
-    meta = read_model_record(read_safetensors_metadata(path)) or {}
-    arch, cfg = meta.get("arch"), meta.get("config", {})
     hint = "use another --output, or --resume none to start afresh"
+    try:
+        meta = read_model_record(read_safetensors_metadata(path)) or {}
+    except ValueError as e:
+        raise ConfigError(_naming(str(path), f"cannot resume {path}: ", e) + f"; {hint}") from None
+    arch, cfg = meta.get("arch"), meta.get("config", {})
+    cfg = cfg if isinstance(cfg, dict) else {}
     if arch is None:
         raise ConfigError(f"cannot resume {path}: not an openmae training checkpoint; {hint}")
     if arch != model.arch:

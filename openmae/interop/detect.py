@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-
-from safetensors import safe_open
 
 from openmae.checkpoint import latest_checkpoint
 from openmae.interop.weights import (
@@ -14,18 +11,16 @@ from openmae.interop.weights import (
     find_weights_file,
     is_hf_state,
     is_vit_state,
+    pickled_dict,
+    read_json_object,
     safe_torch_load,
+    safetensors_header,
     strip_prefix,
 )
 
+KNOWN = "openmae reads openmae, official MAE / ConvMAE / Swin / SimMIM, Hugging Face ViTMAE and timm weights"
+
 # -- detection ---------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def detect_format(path: str | Path) -> str:
@@ -51,8 +46,8 @@ def detect_file(path: Path) -> tuple[str, Any]:
     """(format, the unpickled object for ``.pth``-style files so it is read once, else None)."""
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    if path.is_dir():
-        config = _read_json(path / "config.json") or {}
+    if path.is_dir():  # a config.json that is there must be whole: it decides how the weights are read
+        config = read_json_object(path / "config.json") if (path / "config.json").is_file() else {}
         if config.get("model_type") == "vit_mae":
             return "hf", None
         if "architecture" in config:
@@ -68,8 +63,7 @@ def detect_file(path: Path) -> tuple[str, Any]:
             )
         return detect_file(weights)[0], None
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta, keys = f.metadata() or {}, list(f.keys())
+        meta, keys = safetensors_header(path)
         if "openmae" in meta:
             return "openmae", None
         if is_hf_state(keys):
@@ -78,23 +72,22 @@ def detect_file(path: Path) -> tuple[str, Any]:
             return "official", None
         if is_vit_state(keys):
             return "timm", None
-        raise ValueError(f"{path}: no ViT / MAE tensors recognised (first keys: {keys[:5]})")
+        raise ValueError(f"{path}: no ViT / MAE tensors recognised (first keys: {keys[:5]}); {KNOWN}")
     if path.name.endswith(".index.json"):
         return "hf", None
-    obj = safe_torch_load(path)
+    obj = pickled_dict(safe_torch_load(path), path)
     return _pickled_format(obj, path), obj
 
 
-def _pickled_format(obj: Any, path: Path) -> str:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+def _pickled_format(obj: dict[str, Any], path: Path) -> str:
     if "model" in obj and isinstance(obj["model"], dict):
-        return "hf" if is_hf_state(obj["model"]) else "official"
+        return "hf" if is_hf_state(map(str, obj["model"])) else "official"
     state = obj.get("state_dict", obj)
-    if is_hf_state(state):
+    state = state if isinstance(state, dict) else obj
+    if is_hf_state(map(str, state)):
         return "hf"
     if any(str(k).startswith(DECODER_PREFIXES) for k in state):
         return "official"
-    if is_vit_state(strip_prefix(state, "module.")):
+    if is_vit_state(strip_prefix({str(k): v for k, v in state.items()}, "module.")):
         return "timm"
-    raise ValueError(f"{path}: no ViT / MAE tensors recognised (top-level keys: {list(obj)[:8]})")
+    raise ValueError(f"{path}: no ViT / MAE tensors recognised (top-level keys: {list(obj)[:8]}); {KNOWN}")

@@ -25,7 +25,18 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from openmae.interop.weights import DECODER_PREFIXES, Weights, describe, find_weights_file, read_state_file
+from openmae.interop.weights import (
+    DECODER_PREFIXES,
+    Weights,
+    declared_float,
+    declared_int,
+    declared_size,
+    describe,
+    find_weights_file,
+    read_json_object,
+    read_state_file,
+    tensor_dict,
+)
 from openmae.io import atomic_write, atomic_write_text, unwrap
 
 # transformers' ViTMAEConfig defaults, for fields a config.json leaves out
@@ -50,6 +61,21 @@ HF_DEFAULTS: dict[str, Any] = dict(
     norm_pix_loss=False,
 )
 KEY_STYLES = ("v4", "v5")
+# openmae constructor argument -> the config.json entry that declares it (for messages)
+HF_NAMES = {
+    "img_size": "image_size",
+    "patch_size": "patch_size",
+    "in_chans": "num_channels",
+    "embed_dim": "hidden_size",
+    "depth": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "mlp_ratio": "intermediate_size",
+    "decoder_embed_dim": "decoder_hidden_size",
+    "decoder_depth": "decoder_num_hidden_layers",
+    "decoder_num_heads": "decoder_num_attention_heads",
+    "norm_pix_loss": "norm_pix_loss",
+    "norm_eps": "layer_norm_eps",
+}
 
 # outside the blocks: openmae name -> ViTMAEForPreTraining name (the same in both versions)
 _TOP = {
@@ -96,7 +122,9 @@ _QKV = (
 _LAYER_RE = re.compile(r"^(" + "|".join(re.escape(p) for p in _LAYERS_READ) + r")\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def state_from_hf(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+def state_from_hf(
+    hf_state: dict[str, Tensor], source: str = "a ViTMAE checkpoint"
+) -> tuple[dict[str, Tensor], list[str]]:
     """ViTMAE tensors (either version's names, with or without the ``vit.`` prefix of the
     pre-training model) -> openmae names. Refuses tensors it does not know."""
     notes: list[str] = []
@@ -124,10 +152,21 @@ def state_from_hf(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[
                 continue
         unknown.append(key)
     if unknown:
-        raise ValueError(f"tensors with no openmae counterpart in a ViTMAE checkpoint: {sorted(unknown)[:8]}")
+        raise ValueError(
+            f"{source}: tensors with no openmae counterpart in a ViTMAE checkpoint: {sorted(unknown)[:8]}; the "
+            "model is not a ViTMAE openmae reads"
+        )
     for (prefix, param), qkv_parts in parts.items():
         if len(qkv_parts) != 3:
-            raise ValueError(f"{prefix}: attention {param} needs query, key and value; found {sorted(qkv_parts)}")
+            raise ValueError(
+                f"{source}: {prefix} attention {param} needs query, key and value; found {sorted(qkv_parts)}"
+            )
+        shapes = {tuple(t.shape) for t in qkv_parts.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != (2 if param == "weight" else 1):
+            raise ValueError(
+                f"{source}: {prefix} attention query, key and value {param}s have shapes {sorted(shapes)}; they "
+                f"must be {'matrices' if param == 'weight' else 'vectors'} of one shape"
+            )
         out[f"{prefix}attn.qkv.{param}"] = torch.cat([qkv_parts[0], qkv_parts[1], qkv_parts[2]], dim=0)
     no_bias = [k for k in out if k.endswith("attn.qkv.weight") and k[: -len("weight")] + "bias" not in out]
     for key in no_bias:  # qkv_bias=False: zero biases give the same numerics
@@ -166,44 +205,73 @@ def _square(value: Any, what: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"{what} {value} is not square; openmae's ViT needs square patches")
-        return int(value[0])
-    return int(value)
+        value = value[0]
+    return declared_int(value, what)
 
 
-def config_from_hf(config: dict[str, Any]) -> tuple[dict[str, Any], float, list[str]]:
-    """A ViTMAE ``config.json`` -> (openmae constructor arguments, mask_ratio, notes)."""
+def config_from_hf(config: dict[str, Any], source: str = "config.json") -> tuple[dict[str, Any], float, list[str]]:
+    """A ViTMAE ``config.json`` -> (openmae constructor arguments, mask_ratio, notes).
+
+    Every entry openmae uses is checked for its type (``hidden_size`` a whole number, ...); a wrong
+    one is a ``ValueError`` naming ``source`` and the entry. Whether the sizes fit the tensors is
+    checked when the model is built (:func:`openmae.interop.architecture.infer_architecture`).
+    """
     c = {**HF_DEFAULTS, **config}
+
+    def where(key: str) -> str:
+        return f"{source} {key}"
+
     if c.get("model_type", "vit_mae") != "vit_mae":
-        raise ValueError(f"config.json has model_type {c['model_type']!r}; only vit_mae is supported")
+        raise ValueError(f"{source} has model_type {c['model_type']!r}; only vit_mae is supported")
     if c["hidden_act"] != "gelu":
-        raise ValueError(f"hidden_act {c['hidden_act']!r}: openmae's ViT uses the exact GELU ('gelu')")
-    mlp_ratio = c["intermediate_size"] / c["hidden_size"]
-    dec_ratio = c["decoder_intermediate_size"] / c["decoder_hidden_size"]
+        raise ValueError(f"{where('hidden_act')} is {c['hidden_act']!r}: openmae's ViT uses the exact GELU ('gelu')")
+    layers = ("num_hidden_layers", "decoder_num_hidden_layers")
+    n = {
+        k: declared_int(c[k], where(k), minimum=0 if k in layers else 1)
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_channels",
+            "decoder_hidden_size",
+            "decoder_num_hidden_layers",
+            "decoder_num_attention_heads",
+            "decoder_intermediate_size",
+        )
+    }
+    mlp_ratio = n["intermediate_size"] / n["hidden_size"]
+    dec_ratio = n["decoder_intermediate_size"] / n["decoder_hidden_size"]
     if dec_ratio != mlp_ratio:
         raise ValueError(
-            f"decoder MLP ratio {dec_ratio} (decoder_intermediate_size / decoder_hidden_size) differs from the "
-            f"encoder's {mlp_ratio}; openmae's MAE uses one mlp_ratio for both"
+            f"{source}: decoder MLP ratio {dec_ratio} (decoder_intermediate_size / decoder_hidden_size) differs from "
+            f"the encoder's {mlp_ratio}; openmae's MAE uses one mlp_ratio for both"
         )
-    image = c["image_size"]
-    img_size = (int(image[0]), int(image[1])) if isinstance(image, (list, tuple)) else int(image)
+    flag = c["norm_pix_loss"]
+    if not isinstance(flag, bool):
+        raise ValueError(f"{where('norm_pix_loss')} is {flag!r}, not true or false")
     cfg = dict(
-        img_size=img_size,
-        patch_size=_square(c["patch_size"], "patch_size"),
-        in_chans=int(c["num_channels"]),
-        embed_dim=int(c["hidden_size"]),
-        depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]),
+        img_size=declared_size(c["image_size"], where("image_size")),
+        patch_size=_square(c["patch_size"], where("patch_size")),
+        in_chans=n["num_channels"],
+        embed_dim=n["hidden_size"],
+        depth=n["num_hidden_layers"],
+        num_heads=n["num_attention_heads"],
         mlp_ratio=mlp_ratio,
-        decoder_embed_dim=int(c["decoder_hidden_size"]),
-        decoder_depth=int(c["decoder_num_hidden_layers"]),
-        decoder_num_heads=int(c["decoder_num_attention_heads"]),
-        norm_pix_loss=bool(c["norm_pix_loss"]),
-        norm_eps=float(c["layer_norm_eps"]),
+        decoder_embed_dim=n["decoder_hidden_size"],
+        decoder_depth=n["decoder_num_hidden_layers"],
+        decoder_num_heads=n["decoder_num_attention_heads"],
+        norm_pix_loss=flag,
+        norm_eps=declared_float(c["layer_norm_eps"], where("layer_norm_eps"), 0.0, 1.0),
     )
+    dropout = [
+        declared_float(c[k], where(k), 0.0, 1.0) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob")
+    ]
+    mask_ratio = declared_float(c["mask_ratio"], where("mask_ratio"), 0.0, 1.0, high_open=True)
     notes = []
-    if c["hidden_dropout_prob"] or c["attention_probs_dropout_prob"]:
+    if any(dropout):
         notes.append("the config's dropout is ignored (openmae's MAE has none)")
-    return cfg, float(c["mask_ratio"]), notes
+    return cfg, mask_ratio, notes
 
 
 def config_to_hf(cfg: dict[str, Any], mask_ratio: float = 0.75, pretraining: bool = True) -> dict[str, Any]:
@@ -247,21 +315,27 @@ def read(path: str | Path, obj: Any = None) -> Weights:
     if file is None:
         raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
     config = None
-    if (folder / "config.json").exists():
-        config = json.loads((folder / "config.json").read_text())
+    if (folder / "config.json").is_file():
+        config = read_json_object(folder / "config.json")
         if config.get("model_type") != "vit_mae":
             config = None
     hf_state = obj if obj is not None else read_state_file(file)[0]
-    if isinstance(hf_state.get("model"), dict):
-        hf_state = hf_state["model"]
-    state, notes = state_from_hf(hf_state)
+    nested = isinstance(hf_state.get("model"), dict)
+    hf_state = tensor_dict(
+        hf_state["model"] if nested else hf_state, file, "its 'model' entry" if nested else "the file"
+    )
+    state, notes = state_from_hf(hf_state, str(file))
+    origin: dict[str, str] = {}
     if config is not None:
-        cfg, mask_ratio, config_notes = config_from_hf(config)
+        cfg, mask_ratio, config_notes = config_from_hf(config, str(folder / "config.json"))
         notes += config_notes
+        origin = {k: f"{folder / 'config.json'} {name}" for k, name in HF_NAMES.items()}
     else:
         cfg, mask_ratio = {"norm_eps": HF_DEFAULTS["layer_norm_eps"]}, None
         notes.append("no config.json: assuming transformers' layer_norm_eps 1e-12, the rest inferred from shapes")
-    return Weights(str(path), "hf", describe(state, {}), state, config=cfg, notes=notes, mask_ratio=mask_ratio)
+    return Weights(
+        str(path), "hf", describe(state, {}), state, config=cfg, notes=notes, mask_ratio=mask_ratio, origin=origin
+    )
 
 
 def write(

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch.nn as nn
 
 from openmae.checkpoint import latest_checkpoint, split_model_state
-from openmae.interop.weights import Weights
+from openmae.interop.weights import Weights, read_safetensors_file
 from openmae.io import (
     FORMAT_KEY,
     WEIGHTS_NAME,
     atomic_write_text,
     model_record,
     read_model_record,
-    read_safetensors,
     unwrap,
     write_safetensors,
 )
@@ -46,17 +45,27 @@ def resolve_weights_file(path: str | os.PathLike) -> Path:
 
 def read(path: str | os.PathLike) -> Weights:
     file = resolve_weights_file(path)
-    tensors, meta = read_safetensors(file)
-    record = read_model_record(meta)
+    tensors, meta = read_safetensors_file(file)
+    try:
+        record = read_model_record(meta)
+    except ValueError as e:  # the metadata entry is not JSON
+        raise ValueError(f"{file}: its openmae metadata is not valid JSON ({e}); re-export the model") from None
     if record is None:
         raise ValueError(
             f"{file} carries no openmae config; build the model yourself and use "
             "openmae.create_model(name, pretrained=path, ...)"
         )
+    arch, config = record["arch"], record["config"]
+    if not isinstance(arch, str) or not isinstance(config, dict):
+        raise ValueError(
+            f"{file}: its openmae metadata is damaged (arch must be a model name, config a JSON object of "
+            "constructor arguments); re-export the model"
+        )
     kind = "training checkpoint" if "training" in meta else "exported model"
+    origin = {k: f"its openmae metadata's config.{k}" for k in config}
     return Weights(
-        str(path), "openmae", kind, split_model_state(tensors), arch=record["arch"], config=dict(record["config"]),
-        complete=True,
+        str(path), "openmae", kind, split_model_state(tensors), arch=arch, config=dict(config), complete=True,
+        origin=origin,
     )
 
 

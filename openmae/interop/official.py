@@ -21,25 +21,29 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch import Tensor
 
 from openmae.interop.architecture import mae_variants
 from openmae.interop.weights import (
     DECODER_PREFIXES,
     Weights,
+    declared_float,
+    declared_int,
     describe,
+    pickled_dict,
+    read_safetensors_file,
     safe_torch_load,
     split_classifier,
     strip_prefix,
+    tensor_dict,
 )
-from openmae.io import atomic_write, model_record, read_safetensors, unwrap
+from openmae.io import atomic_write, model_record, unwrap
 from openmae.registry import arch_of
 
 
-def registered_name(name: str | None) -> str | None:
+def registered_name(name: Any) -> str | None:
     """An official model name (``mae_vit_base_patch16_dec512d8b``, fine-tuning's ``vit_base_patch16``)
     -> openmae's registered MAE name, if there is one."""
-    if not name:
+    if not isinstance(name, str) or not name:
         return None
     names = set(mae_variants())
     for candidate in (name, name.replace("_dec512d8b", ""), "mae_" + name):
@@ -48,37 +52,50 @@ def registered_name(name: str | None) -> str | None:
     return None
 
 
-def args_config(args: Any) -> tuple[str | None, dict[str, Any], float | None]:
-    """(arch, constructor arguments, mask_ratio) recorded in an official ``args`` Namespace (or dict)."""
-    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+def args_config(args: Any, source: str = "the checkpoint") -> tuple[str | None, dict[str, Any], float | None]:
+    """(arch, constructor arguments, mask_ratio) recorded in an official ``args`` Namespace (or dict).
+    Values of the wrong type are refused, naming ``source`` and the entry."""
+    a = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
     cfg: dict[str, Any] = {}
-    if a.get("input_size"):
-        cfg["img_size"] = int(a["input_size"])
-    if "norm_pix_loss" in a:
-        cfg["norm_pix_loss"] = bool(a["norm_pix_loss"])
+    if a.get("input_size") is not None:
+        cfg["img_size"] = declared_int(a["input_size"], f"{source}: args.input_size")
+    if a.get("norm_pix_loss") is not None:
+        flag = a["norm_pix_loss"]
+        if not isinstance(flag, (bool, int)) or flag not in (0, 1):
+            raise ValueError(f"{source}: args.norm_pix_loss is {flag!r}, not true or false")
+        cfg["norm_pix_loss"] = bool(flag)
     ratio = a.get("mask_ratio")
-    return registered_name(a.get("model")), cfg, None if ratio is None else float(ratio)
+    if ratio is not None:
+        ratio = declared_float(ratio, f"{source}: args.mask_ratio", 0.0, 1.0, high_open=True)
+    return registered_name(a.get("model")), cfg, ratio
 
 
 def read(path: str | Path, obj: Any = None) -> Weights:
     """An official checkpoint; ``obj`` is the already-unpickled file, if the caller has it."""
     path = Path(path)
     if path.suffix == ".safetensors":  # an official-layout state dict saved as safetensors
-        obj = {"model": read_safetensors(path)[0]}
+        obj = {"model": read_safetensors_file(path)[0]}
     elif obj is None:
-        obj = safe_torch_load(path)
-    state = obj["model"] if isinstance(obj.get("model"), dict) else obj
-    state = strip_prefix({k: v for k, v in state.items() if isinstance(v, Tensor)}, "module.")
+        obj = pickled_dict(safe_torch_load(path), path)
+    nested = isinstance(obj.get("model"), dict)
+    state = tensor_dict(obj["model"] if nested else obj, path, "its 'model' entry" if nested else "the file")
+    state = strip_prefix(state, "module.")
     trunk, extras = split_classifier(state)
     kind = describe(trunk, extras)
     if "optimizer" in obj:
         kind = f"training checkpoint, epoch {obj.get('epoch', '?')}, {kind}"
-    arch, cfg, mask_ratio = args_config(obj.get("args"))
+    arch, cfg, mask_ratio = args_config(obj.get("args"), str(path))
+    origin = {"img_size": "its args.input_size", "norm_pix_loss": "its args.norm_pix_loss"}
     notes = []
     meta = obj.get("openmae")
     complete = isinstance(meta, dict) and "arch" in meta and "config" in meta
     if complete:  # written by openmae: the exact architecture
+        if not isinstance(meta["arch"], str) or not isinstance(meta["config"], dict):
+            raise ValueError(
+                f"{path}: its 'openmae' record is damaged (arch must be a name, config a dict); re-export it"
+            )
         arch, cfg = meta["arch"], dict(meta["config"])
+        origin = {k: f"its openmae record's config.{k}" for k in cfg}
     elif obj.get("args") is not None and arch is None:
         notes.append(
             f"args.model {getattr(obj['args'], 'model', None)!r} is not a registered name; inferred from shapes"
@@ -94,6 +111,7 @@ def read(path: str | Path, obj: Any = None) -> Weights:
         notes=notes,
         mask_ratio=mask_ratio,
         complete=complete,
+        origin=origin,
     )
 
 

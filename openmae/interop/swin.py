@@ -51,10 +51,18 @@ def to_openmae_names(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[
     return state, notes
 
 
+def _shape(state: dict[str, Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    t = state.get(key)
+    if t is None:
+        raise ValueError(f"Swin weights without {key}: not a Swin checkpoint openmae reads")
+    if t.dim() != ndim or 0 in t.shape:
+        raise ValueError(f"{key} has shape {tuple(t.shape)}, where a {ndim}-D tensor with no empty dimension belongs")
+    return tuple(int(n) for n in t.shape)
+
+
 def infer_swin_config(state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
     """Constructor arguments implied by the shapes of a Swin state dict in timm's names."""
-    w = state["patch_embed.proj.weight"]  # (D, C, p, p)
-    dim, chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    dim, chans, patch, _ = _shape(state, "patch_embed.proj.weight", 4)  # (D, C, p, p)
     depths: dict[int, int] = {}
     for k in state:
         if m := _BLOCK.match(k):
@@ -63,11 +71,15 @@ def infer_swin_config(state: dict[str, Tensor]) -> tuple[dict[str, Any], list[st
     stages = max(depths) + 1
     heads, window = [], 7
     for s in range(stages):
-        table = state.get(f"layers.{s}.blocks.0.attn.relative_position_bias_table")  # ((2w-1)^2, heads)
-        if table is None:
+        key = f"layers.{s}.blocks.0.attn.relative_position_bias_table"  # ((2w-1)^2, heads)
+        if key not in state:
             raise ValueError(f"Swin stage {s} has no relative_position_bias_table: not a Swin checkpoint openmae reads")
-        heads.append(int(table.shape[1]))
-        window = (math.isqrt(int(table.shape[0])) + 1) // 2
+        rows, n_heads = _shape(state, key, 2)
+        side = math.isqrt(rows)
+        if side * side != rows or side % 2 == 0:
+            raise ValueError(f"{key} has {rows} rows, not (2 x window - 1)^2 for any window")
+        heads.append(n_heads)
+        window = (side + 1) // 2
     cfg: dict[str, Any] = {
         "patch_size": patch,
         "in_chans": chans,
@@ -78,7 +90,7 @@ def infer_swin_config(state: dict[str, Tensor]) -> tuple[dict[str, Any], list[st
         "img_size": patch * window * 2 ** (stages - 1),
     }
     fc1 = state.get("layers.0.blocks.0.mlp.fc1.weight")
-    if fc1 is not None:
+    if fc1 is not None and fc1.dim() == 2:
         cfg["mlp_ratio"] = fc1.shape[0] / dim
     notes = [f"img_size is not recorded in Swin weights; assumed {cfg['img_size']} (override with img_size=...)"]
     return cfg, notes

@@ -26,12 +26,17 @@ from openmae.interop.architecture import VIT_SIZES
 from openmae.interop.weights import (
     CLASSIFIER_PREFIXES,
     Weights,
+    declared_int,
+    declared_size,
     describe,
     find_weights_file,
+    pickled_dict,
+    read_json_object,
     read_state_file,
     safe_torch_load,
     split_classifier,
     strip_prefix,
+    tensor_dict,
 )
 from openmae.io import atomic_write, atomic_write_text, unwrap
 from openmae.patches import to_2tuple
@@ -69,24 +74,34 @@ def model_args(cfg: dict[str, Any], num_classes: int = 0, global_pool: str = "to
     )
 
 
-def _config_from_timm(args: dict[str, Any], pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+def _config_from_timm(args: Any, pretrained_cfg: Any, source: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(constructor arguments, where each is declared) from timm's ``model_args`` / ``pretrained_cfg``."""
+    for what, value in (("model_args", args), ("pretrained_cfg", pretrained_cfg)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: its timm config's {what} is a {type(value).__name__}, not an object")
     keys = ("embed_dim", "depth", "depths", "num_heads", "window_size", "mlp_ratio", "patch_size", "in_chans")
     cfg = {k: args[k] for k in keys if k in args}
+    origin = {k: f"its timm model_args.{k}" for k in cfg}
     if "img_size" in args:
-        img = args["img_size"]
-        cfg["img_size"] = tuple(img) if isinstance(img, (list, tuple)) else int(img)
+        cfg["img_size"] = declared_size(args["img_size"], f"{source}: model_args.img_size")
+        origin["img_size"] = "its timm model_args.img_size"
     size = pretrained_cfg.get("input_size")
-    if size and len(size) == 3:
-        cfg.setdefault("in_chans", int(size[0]))
-        cfg.setdefault("img_size", int(size[1]) if size[1] == size[2] else (int(size[1]), int(size[2])))
-    return cfg
+    if size is not None:
+        if not isinstance(size, (list, tuple)) or len(size) != 3:
+            raise ValueError(f"{source}: pretrained_cfg.input_size is {size!r}, not [channels, height, width]")
+        chans, h, w = (declared_int(v, f"{source}: pretrained_cfg.input_size") for v in size)
+        if "in_chans" not in cfg:
+            cfg["in_chans"], origin["in_chans"] = chans, "its timm pretrained_cfg.input_size"
+        if "img_size" not in cfg:
+            cfg["img_size"], origin["img_size"] = (h if h == w else (h, w)), "its timm pretrained_cfg.input_size"
+    return cfg, origin
 
 
 def read(path: str | Path, obj: Any = None) -> Weights:
     path = Path(path)
     config: dict[str, Any] = {}
     if path.is_dir():
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        config = read_json_object(path / "config.json") if (path / "config.json").is_file() else {}
         file = find_weights_file(path)
         if file is None:
             raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
@@ -94,19 +109,25 @@ def read(path: str | Path, obj: Any = None) -> Weights:
     elif path.suffix == ".safetensors":
         state, meta = read_state_file(path)
     else:
-        state, meta = (obj if obj is not None else safe_torch_load(path)), {}
+        state, meta = (obj if obj is not None else pickled_dict(safe_torch_load(path), path)), {}
     if "model_args" in meta:  # written by openmae's exporter
-        config = {"architecture": meta.get("architecture"), "model_args": json.loads(meta["model_args"])}
+        try:
+            args = json.loads(meta["model_args"])
+        except ValueError:
+            raise ValueError(f"{path}: its model_args metadata is not valid JSON; re-export it") from None
+        config = {"architecture": meta.get("architecture"), "model_args": args}
     for wrapper in ("state_dict", "model"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    state = strip_prefix({k: v for k, v in state.items() if isinstance(v, Tensor)}, "module.")
+    state = strip_prefix(tensor_dict(state, path), "module.")
     trunk, extras = split_classifier(state)
-    cfg = _config_from_timm(config.get("model_args") or {}, config.get("pretrained_cfg") or {})
+    cfg, origin = _config_from_timm(config.get("model_args") or {}, config.get("pretrained_cfg") or {}, str(path))
     notes = []
     if config.get("architecture"):
         notes.append(f"timm architecture {config['architecture']}")
-    return Weights(str(path), "timm", describe(trunk, extras), trunk, config=cfg, extras=extras, notes=notes)
+    return Weights(
+        str(path), "timm", describe(trunk, extras), trunk, config=cfg, extras=extras, notes=notes, origin=origin
+    )
 
 
 def _vit_export(model: nn.Module, cfg: dict[str, Any]) -> tuple[dict[str, Tensor], str, dict[str, Any], int]:
