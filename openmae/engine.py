@@ -235,7 +235,7 @@ class CheckpointManager:
             self._resume = (self.folder.resume_checkpoint(self.cfg.resume, self.config),)
         return self._resume[0]
 
-    def restore(self, state: TrainState, total_steps: int) -> dict[str, Any] | None:
+    def restore(self, state: TrainState) -> dict[str, Any] | None:
         """Load the checkpoint to resume (if any) into ``state`` and the RNG; returns its ``info``."""
         path = self.resume_path()
         if path is None:
@@ -247,8 +247,6 @@ class CheckpointManager:
             state.scaler.load_state_dict(saved["scaler"])
         ckpt.set_rng_state(saved["rng"], self.runtime.device)
         state.step = int(saved["info"]["step"])
-        if self.runtime.is_main:
-            print(f"resuming from {path} at step {state.step}/{total_steps}", file=sys.stderr)
         return saved["info"]
 
     def due(self, step: int, schedule: Schedule, epoch_end: int | None = None) -> bool:
@@ -302,7 +300,9 @@ class MetricsLogger:
         if runtime.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+            # TensorBoard hides what an earlier, killed process logged past the step resumed from (this
+            # process logs it again), as metrics.jsonl is cut back (run_folder.RunFolder.prepare)
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start_step + 1)
             if progress:
                 from tqdm import tqdm
 
@@ -453,7 +453,7 @@ class Trainer:
         schedule = self.schedule()
         model = self.task.model.to(runtime.device)
         state = TrainState(model, self.build_optimizer(schedule.peak_lr), runtime.precision.scaler())
-        resumed = self.checkpoints.restore(state, schedule.total_steps) or {}
+        resumed = self.checkpoints.restore(state) or {}
         if state.step >= schedule.stop_step:
             finished = self.checkpoints.folder.finished_summary(state.step)
             if finished is not None:  # nothing to do: its outputs stay as they are
@@ -463,6 +463,9 @@ class Trainer:
                 barrier(runtime.dist)
                 return finished
         if runtime.is_main:
+            if resumed:
+                print(f"resuming from {self.checkpoints.resume_path()} at step {state.step}/{schedule.total_steps}",
+                      file=sys.stderr)
             self.checkpoints.folder.prepare(state.step)
             write_run_files(self.out_dir, self.config, runtime.dist)
             self._announce(schedule)

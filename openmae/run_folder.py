@@ -190,7 +190,7 @@ class RunFolder:
         """An evaluation (``--eval-only``) writes ``config.yaml`` and ``metrics.json``: refuse a folder
         holding a training run, whose files those are. Its own earlier results it may replace."""
         existing = ckpt.list_checkpoints(self.path)
-        held = f"checkpoints (newest: {existing[-1].name})" if existing else "summary.json"
+        held = f"newest checkpoint: {existing[-1].name}" if existing else "summary.json"
         if existing or (self.path / "summary.json").exists():
             raise ConfigError(
                 f"--eval-only: {self.path} holds a training run ({held}), whose config.yaml and metrics.json "

@@ -27,6 +27,16 @@ TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 
               "decoder_num_heads": 2, "patch_size": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared, loaded CPU: one intra-op thread is several times faster than two
+    fighting for cores (and every run of a comparison must use the same count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def argv(out: Path, *extra: str) -> list[str]:
     """A 4-step pretraining run on 64 digits, checkpoints every 2 steps, into ``out``."""
     return ["pretrain", "--dataset", "digits", "--img-size", "16", "--data.limit", "64", "--data.num_workers", "0",
@@ -156,11 +166,25 @@ def test_finished_run_is_left_alone(run, capsys):
     before = snapshot(run)
     assert main(argv(run)) == 0
     out, err = capsys.readouterr()
-    assert f"{run} holds a finished run (step 4, summary.json)" in err and "another --output" in err
+    assert err.splitlines() == [
+        f"{run} holds a finished run (step 4, summary.json); its outputs are left as they are; to train again, give "
+        "another --output"
+    ]
     assert "done: 4 steps" in out
     assert snapshot(run) == before  # summary.json, metrics.jsonl, model.safetensors, config.yaml, command.txt, tb/
     assert main(argv(run, "--train.log_every", "3", "--data.num_workers", "1")) == 0  # harmless differences
     assert snapshot(run) == before
+
+
+def test_killed_before_its_summary_is_completed(finished, run, capsys):
+    """Stopped between its last checkpoint and summary.json: not finished; the rerun writes what is missing."""
+    (run / "summary.json").unlink()
+    (run / "model.safetensors").unlink()
+    assert main(argv(run)) == 0
+    assert "resuming from" in capsys.readouterr().err
+    old, new = (strict_json((d / "summary.json").read_text()) for d in (finished, run))
+    assert new["steps"] == 4 and new["final_loss"] == old["final_loss"]  # the loss the checkpoint recorded
+    assert (run / "model.safetensors").read_bytes() == (finished / "model.safetensors").read_bytes()
 
 
 def test_max_steps_checkpoints_its_last_step_and_continues(finished, tmp_path, capsys):
