@@ -11,18 +11,27 @@ Determinism contract, relied on by exact resume and by DDP == single-process equ
 - the order of an epoch is a permutation drawn from ``seed + epoch``; with W ranks of batch b,
   local batch k of all ranks together is batch k of one process with batch W*b (``ShardedSampler``).
 
-A file that cannot be decoded does not stop training: its sample comes back with image ``None``,
-``collate`` drops it and lists its index in ``Batch.failed``, and ``BadImageTracker`` stops the run
-once too large a fraction of the images has failed.
+A file that cannot be decoded (corrupt, not an image, or more pixels than ``data.max_image_pixels``)
+does not stop training: its sample comes back with image ``None``, ``collate`` drops it and lists its
+index in ``Batch.failed``, and ``BadImageTracker`` stops the run once too large a fraction of the
+images has failed (counted over all ranks), naming the files and why each failed.
+
+Folders are walked so that each real file is listed once however it is linked: symlinked folders
+are followed (also out of the root), a folder or file reached again (a symlink loop, a second link,
+a hard link) is skipped, and a real path wins over a symlinked one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import heapq
 import math
 import os
+import stat
 import struct
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +76,9 @@ DATASET_NORMALIZATION = {
 
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_SPLIT_SEED = 0  # fixed: the train/test split must not move with the run seed
-MIN_SEEN_FOR_BAD_CHECK = 20
+MIN_SEEN_FOR_BAD_CHECK = 20  # or the whole dataset, if smaller
+BAD_FILES_LISTED = 5  # in the message that stops a run; the summary keeps up to 100
+DEFAULT_MAX_IMAGE_PIXELS: int | None = DataConfig.max_image_pixels
 
 
 def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -123,17 +134,73 @@ def _convert(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == target else im.convert(target)
 
 
-def load_image(path: str | os.PathLike, channels: int) -> Tensor | None:
-    """Decode one file to a uint8 (C, H, W) tensor, upright per its EXIF; None if it cannot be read."""
+class BadImageError(ValueError):
+    """A file that cannot be used as an image; the message says why (without the path)."""
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(limit: int | None) -> Iterator[None]:
+    """PIL's decompression-bomb limit set to ``limit`` (None: off) while the block runs, then restored.
+
+    PIL warns above its limit and refuses above twice it; openmae refuses above ``limit`` itself (with
+    the size in the message), so the warning is muted. The setting is module-wide: decode in one
+    thread per process at a time (loader workers are processes).
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
     try:
-        with Image.open(path) as im:
-            im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _too_large(width: int, height: int, limit: int) -> BadImageError:
+    return BadImageError(f"too large: {width} x {height} pixels > limit {limit}; raise --data.max_image_pixels")
+
+
+def decode_image(path: str | os.PathLike, channels: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Tensor:
+    """Decode one file to a uint8 (C, H, W) tensor, upright per its EXIF.
+
+    An image of more than ``max_pixels`` pixels (None: no limit) is refused from its header, before
+    any pixel is decoded. Raises :class:`BadImageError` saying why a file cannot be used.
+    """
+    try:
+        with _pil_pixel_limit(None):  # reads the header only: the size is known before anything is decoded
+            im = Image.open(path)
+        with im, _pil_pixel_limit(max_pixels):
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise _too_large(width, height, max_pixels)
+            try:
+                im.load()
+            except Image.DecompressionBombError:  # a frame or tile larger than the image it belongs to
+                raise _too_large(width, height, max_pixels) from None
             ImageOps.exif_transpose(im, in_place=True)
             array = np.array(_convert(im, channels))  # (H, W) or (H, W, 3), an owned copy
-    except Exception:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...: all mean "bad file"
-        return None
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError("file not found: deleted, or a broken link") from None
+    except PermissionError:
+        raise BadImageError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise BadImageError("not an image file PIL can read") from None
+    except Exception as e:  # noqa: BLE001 -- decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise BadImageError(f"cannot be decoded: {e or type(e).__name__}") from None
     tensor = torch.from_numpy(array)
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def load_image(
+    path: str | os.PathLike, channels: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Tensor | None:
+    """:func:`decode_image`, or None if the file cannot be used (:func:`decode_image` says why)."""
+    try:
+        return decode_image(path, channels, max_pixels)
+    except BadImageError:
+        return None
 
 
 # -- dataset -----------------------------------------------------------------------------------
@@ -145,7 +212,8 @@ class ImageDataset(Dataset):
     ``dataset[i]`` is ``(image, label, i)``: image a float32 (C, img_size, img_size) tensor,
     normalised with ``mean``/``std``, or ``None`` when the file could not be decoded (the index
     travels with it so that ``collate`` can report which file); label an int, -1 if unlabelled.
-    Nothing is remembered about failures here: loader workers are separate processes.
+    Nothing is remembered about failures here: loader workers are separate processes, so
+    :meth:`failure_reason` decodes a failed file again to say why.
 
     Attributes:
         classes: class names, index = label; [] when unlabelled.
@@ -154,6 +222,7 @@ class ImageDataset(Dataset):
         labels: (N,) int64 array.
         mean, std: the normalisation, ``channels`` floats each.
         seed, epoch: with the index, these seed each sample's transform (see ``set_epoch``).
+        max_pixels: files with more pixels than this are refused before decoding (None: no limit).
     """
 
     def __init__(
@@ -168,6 +237,7 @@ class ImageDataset(Dataset):
         paths: Sequence[str] | None = None,
         classes: Sequence[str] = (),
         seed: int = 0,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         """Exactly one of ``images`` ((N, H, W) grayscale or (N, H, W, C) uint8) and ``paths``."""
         if (images is None) == (paths is None):
@@ -191,6 +261,7 @@ class ImageDataset(Dataset):
         self.classes = list(classes)
         self.seed = seed
         self.epoch = 0
+        self.max_pixels = max_pixels
 
     @property
     def num_classes(self) -> int:
@@ -206,12 +277,22 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> Tensor | None:
         """The untransformed uint8 (C, H, W) image; None if its file cannot be decoded."""
         if self.paths is not None:
-            return load_image(self.paths[index], self.channels)
+            return load_image(self.paths[index], self.channels, self.max_pixels)
         image = torch.tensor(self.images[index])  # a copy: transforms must never write into the array
         image = image.unsqueeze(0) if image.dim() == 2 else image.permute(2, 0, 1)
         if image.shape[0] == 1 and self.channels == 3:
             image = image.repeat(3, 1, 1)
         return image
+
+    def failure_reason(self, index: int) -> str:
+        """Why sample ``index`` failed to load, found by decoding its file again."""
+        if self.paths is None:
+            return "could not be loaded"
+        try:
+            decode_image(self.paths[index], self.channels, self.max_pixels)
+        except BadImageError as e:
+            return str(e)
+        return "failed once, loads now (a transient read error?)"
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, int]:
         index = int(index)
@@ -312,18 +393,67 @@ def image_files(path: str | os.PathLike) -> list[Path]:
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under ``root`` (recursive, symlinks followed, hidden files and folders skipped).
+    """Image files under ``root``, each real file once, sorted by path components.
 
-    Sorted by path components, so a tree lists the same way on every machine.
+    Recursive; hidden files and folders are skipped; only regular files (and broken links, so that
+    they are reported) with an image extension count. Symlinks are followed, also out of ``root``,
+    but each real folder and file is listed once: a symlink loop, a second link to a folder or file,
+    or a hard link to a file already listed is skipped. The real tree is walked before any symlink,
+    so a file is listed under its real path when it has one below ``root``, else under its first
+    link in sorted order. The result lists the same way on every machine.
     """
     root = Path(root)
-    found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .git, macOS ._ forks, checkpoints
-        found += [
-            Path(folder, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
-        ]
-    return sorted(found, key=lambda p: p.relative_to(root).parts)
+    seen_folders: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    found: list[tuple[tuple[str, ...], Path]] = []
+    links: list[tuple[tuple[str, ...], Path]] = []  # a heap: followed after the real tree, in path order
+
+    def is_image(name: str) -> bool:
+        return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+    def add_file(parts: tuple[str, ...], path: Path, st: os.stat_result) -> None:
+        if (st.st_dev, st.st_ino) not in seen_files:
+            seen_files.add((st.st_dev, st.st_ino))
+            found.append((parts, path))
+
+    def walk(folder: Path, parts: tuple[str, ...], st: os.stat_result) -> None:
+        if (st.st_dev, st.st_ino) in seen_folders:
+            return
+        seen_folders.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:  # unreadable: skipped, as os.walk does
+            return
+        for entry in entries:
+            if entry.name.startswith("."):  # .git, macOS ._ forks, checkpoints
+                continue
+            path, sub = folder / entry.name, (*parts, entry.name)
+            if entry.is_symlink():
+                heapq.heappush(links, (sub, path))
+                continue
+            try:
+                entry_st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(entry_st.st_mode):
+                walk(path, sub, entry_st)
+            elif stat.S_ISREG(entry_st.st_mode) and is_image(entry.name):
+                add_file(sub, path, entry_st)
+
+    walk(root, (), os.stat(root))
+    while links:
+        parts, path = heapq.heappop(links)
+        try:
+            target = os.stat(path)
+        except OSError:  # broken, or a link to itself: listed if it names an image, so that it is reported
+            if is_image(path.name):
+                add_file(parts, path, os.lstat(path))
+            continue
+        if stat.S_ISDIR(target.st_mode):
+            walk(path, parts, target)
+        elif stat.S_ISREG(target.st_mode) and is_image(path.name):
+            add_file(parts, path, target)
+    return [path for _, path in sorted(found, key=lambda item: item[0])]
 
 
 def _split_roots(root: Path) -> tuple[Path, Path | None]:
@@ -335,8 +465,25 @@ def _split_roots(root: Path) -> tuple[Path, Path | None]:
     return root, None
 
 
-def _subfolder_names(folder: Path) -> set[str]:
-    return {d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")}
+def _class_folders(folder: Path) -> set[str]:
+    """Names of the first-level subfolders, each real folder once (as :func:`find_images` walks them).
+
+    Hidden folders are skipped, and so is a symlink to ``folder`` itself, to a real subfolder, or to
+    the target of an earlier link: it is another name for a folder already counted, not a class.
+    """
+    st = folder.stat()
+    seen = {(st.st_dev, st.st_ino)}
+    names = set()
+    for path in sorted(folder.iterdir(), key=lambda p: (p.is_symlink(), p.name)):  # real folders first
+        try:
+            st = path.stat()
+        except OSError:  # a broken link or a loop
+            continue
+        if path.name.startswith(".") or not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        names.add(path.name)
+    return names
 
 
 def _image_folder(path: str, split: str, limit: int | None) -> _Source:
@@ -357,7 +504,7 @@ def _image_folder(path: str, split: str, limit: int | None) -> _Source:
     parts = [f.relative_to(split_root).parts for f in files]
     if all(len(p) > 1 for p in parts):  # every image in a class folder
         # Both splits name their classes from the same folders, so label indices agree between them.
-        names = _subfolder_names(train_root) | (_subfolder_names(eval_root) if eval_root is not None else set())
+        names = _class_folders(train_root) | (_class_folders(eval_root) if eval_root is not None else set())
         classes = sorted(names)
         index = {name: i for i, name in enumerate(classes)}
         labels = np.array([index[p[0]] for p in parts], dtype=np.int64)
@@ -422,6 +569,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = True, s
         paths=source.paths,
         classes=source.classes,
         seed=seed,
+        max_pixels=cfg.max_image_pixels,
     )
 
 
@@ -616,16 +764,31 @@ def describe_failures(dataset: ImageDataset, failed_indices: Sequence[int]) -> l
     return [f"index {i}" for i in failed_indices]
 
 
+class BadImagesError(ValueError, RuntimeError):
+    """Too many images failed to load (or none loaded); the message names files and why they failed.
+
+    A ValueError (bad input: the CLI reports it as one line) and, as before, a RuntimeError.
+    """
+
+
 class BadImageTracker:
     """Counts decoding failures over a run and stops it when they are more than a set fraction.
 
-    Counts are per process; under DDP sum ``seen`` and ``len(failed)`` across ranks before
-    deciding, or one rank may raise while the others wait in a collective.
+    Counts are kept per process. ``reduce_sum`` (a tensor in, its sum over ranks out; identity
+    without a process group) makes every verdict and summary use the counts of all ranks, so all
+    ranks stop together: under DDP one rank stopping alone leaves the others waiting in a collective.
+    Every rank must then call :meth:`check` and :meth:`summary` at the same points.
     """
 
-    def __init__(self, dataset: ImageDataset, min_seen: int = MIN_SEEN_FOR_BAD_CHECK) -> None:
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        min_seen: int = MIN_SEEN_FOR_BAD_CHECK,
+        reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         self.dataset = dataset
-        self.min_seen = min_seen
+        self.min_seen = max(1, min(min_seen, len(dataset)))  # a small dataset is judged once it was all seen
+        self.reduce_sum = reduce_sum or (lambda t: t)
         self.seen = 0  # images attempted, good or bad (a file counts again each epoch)
         self.failed: list[int] = []  # dataset index of each failed attempt
         self._known: set[int] = set()
@@ -645,26 +808,57 @@ class BadImageTracker:
     def bad_files(self) -> list[str]:
         return describe_failures(self.dataset, sorted(self._known))
 
-    def check(self, max_bad_fraction: float) -> None:
-        """Raise RuntimeError once ``min_seen`` images were tried and more than ``max_bad_fraction`` failed."""
-        if self.seen < self.min_seen or self.fraction <= max_bad_fraction:
+    def totals(self) -> tuple[int, int]:
+        """(images attempted, failed attempts) over all ranks: one all-reduce of two numbers."""
+        seen, failed = self.reduce_sum(torch.tensor([self.seen, len(self.failed)], dtype=torch.int64)).tolist()
+        return int(seen), int(failed)
+
+    def bad_indices(self) -> list[int]:
+        """Sorted dataset indices of every file that failed on any rank.
+
+        Under DDP one all-reduce of a (len(dataset),) int32 mask: called when stopping and at the end.
+        """
+        mask = torch.zeros(len(self.dataset), dtype=torch.int32)
+        mask[sorted(self._known)] = 1
+        return torch.nonzero(self.reduce_sum(mask)).flatten().tolist()
+
+    def check(self, max_bad_fraction: float, epoch_end: bool = False) -> None:
+        """Raise :class:`BadImagesError` when more than ``max_bad_fraction`` of the attempts failed.
+
+        Judged once ``min_seen`` images (or the whole dataset, if smaller) were tried, and always at
+        an epoch's end (``epoch_end``), where a run in which no image at all could be loaded stops
+        whatever ``max_bad_fraction`` allows.
+        """
+        seen, failed = self.totals()
+        if not seen or not (epoch_end or seen >= self.min_seen):
             return
-        files = self.bad_files()
-        listing = "\n  ".join(files[:10]) + (f"\n  ... and {len(files) - 10} more" if len(files) > 10 else "")
-        raise RuntimeError(
-            f"{len(self.failed)} of {self.seen} images ({self.fraction:.1%}) could not be decoded, more than "
-            f"data.max_bad_fraction={max_bad_fraction:g}. Failing files:\n  {listing}\n"
-            'Fix: delete or re-encode these files (PIL must open them: `python -c "from PIL import Image; '
-            "Image.open('FILE').load()\"`), or raise --data.max_bad_fraction to train on without them."
-        )
+        if failed == seen and epoch_end:
+            problem = f"none of the {seen} images tried could be loaded"
+            fix = "point --data at images PIL can open, or re-encode these files"
+        elif failed / seen > max_bad_fraction:
+            problem = (
+                f"{failed} of {seen} images ({failed / seen:.1%}) could not be loaded, "
+                f"more than data.max_bad_fraction={max_bad_fraction:g}"
+            )
+            fix = "delete or re-encode these files, or raise --data.max_bad_fraction to train on without them"
+        else:
+            return
+        bad = self.bad_indices()
+        files = describe_failures(self.dataset, bad[:BAD_FILES_LISTED])
+        listed = ", ".join(f"{f} ({self.dataset.failure_reason(i)})" for i, f in zip(bad, files))
+        more = f" and {len(bad) - len(files)} more" if len(bad) > len(files) else ""
+        raise BadImagesError(f"{problem}: {listed}{more}; {fix}")
 
     def summary(self) -> dict[str, Any]:
-        """For the end-of-run report: counts and up to 100 bad files."""
-        files = self.bad_files()
+        """For the end-of-run report: counts and up to 100 bad files with the reason each failed (all ranks)."""
+        seen, failed = self.totals()
+        bad = self.bad_indices() if failed else []
+        files = describe_failures(self.dataset, bad[:100])
         return {
-            "images_seen": self.seen,
-            "failed_loads": len(self.failed),
-            "failed_fraction": self.fraction,
-            "bad_files": files[:100],
-            "num_bad_files": len(files),
+            "images_seen": seen,
+            "failed_loads": failed,
+            "failed_fraction": failed / seen if seen else 0.0,
+            "bad_files": files,
+            "bad_file_reasons": {f: self.dataset.failure_reason(i) for i, f in zip(bad, files)},
+            "num_bad_files": len(bad),
         }

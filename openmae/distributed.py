@@ -61,6 +61,17 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def sum_over_ranks(t: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
+    """A copy of the CPU tensor ``t`` summed over all ranks, back on the CPU; ``t`` itself without a
+    process group. It travels through ``device`` (this rank's GPU under NCCL, which reduces only GPU
+    tensors), so a call is a host sync: keep such counts small and their calls few."""
+    if not info.enabled:
+        return t
+    t = t.to(device, copy=True)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

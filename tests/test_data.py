@@ -223,23 +223,25 @@ def test_odd_image_modes(tmp_path, channels):
 
 
 def test_corrupt_file_is_dropped_and_reported(tmp_path):
-    for k in range(3):
-        save_png(tmp_path / f"{k}.png", value=k)
-    bad = save_corrupt(tmp_path / "9_broken.jpg")
-    ds = build_dataset(folder_cfg(tmp_path))
-    assert ds.paths[3] == str(bad)
-    image, label, index = ds[3]
-    assert image is None and index == 3
-    batch = next(iter(build_loader(ds, batch_size=4, shuffle=False)))
-    assert len(batch) == 3 and batch.failed == [3] and batch.indices.tolist() == [0, 1, 2]
+    for k in range(23):
+        save_png(tmp_path / f"{k:02d}.png", size=4, value=k)
+    bad = save_corrupt(tmp_path / "99_broken.jpg")
+    ds = build_dataset(folder_cfg(tmp_path, img_size=4))
+    assert ds.paths[23] == str(bad)
+    image, _, index = ds[23]
+    assert image is None and index == 23
+    batch = next(iter(build_loader(ds, batch_size=4, shuffle=False, skip_batches=5)))
+    assert len(batch) == 3 and batch.failed == [23] and batch.indices.tolist() == [20, 21, 22]
     assert describe_failures(ds, batch.failed) == [str(bad)]
+    assert ds.failure_reason(23) == "not an image file PIL can read"
     tracker = BadImageTracker(ds)
     assert tracker.update(batch) == [str(bad)]
     assert tracker.update(batch) == []  # reported once
-    assert (tracker.seen, tracker.failed) == (8, [3, 3])
+    assert (tracker.seen, tracker.failed) == (8, [23, 23])
     tracker.check(max_bad_fraction=0.05)  # fewer than 20 images seen: no verdict yet
     summary = tracker.summary()
     assert summary["bad_files"] == [str(bad)] and summary["failed_fraction"] == pytest.approx(0.25)
+    assert summary["bad_file_reasons"] == {str(bad): "not an image file PIL can read"}
 
 
 def test_too_many_bad_files_stop_the_run(tmp_path):
@@ -253,8 +255,68 @@ def test_too_many_bad_files_stop_the_run(tmp_path):
         tracker.update(batch)
     assert tracker.seen == 20 and len(tracker.failed) == 2
     tracker.check(max_bad_fraction=0.1)  # exactly 10%: allowed
-    with pytest.raises(RuntimeError, match=r"(?s)2 of 20 images.*max_bad_fraction=0.05.*bad0\.jpg.*bad1\.jpg"):
+    with pytest.raises(data.BadImagesError) as e:
         tracker.check(max_bad_fraction=0.05)
+    message = str(e.value)
+    assert "\n" not in message and isinstance(e.value, ValueError) and isinstance(e.value, RuntimeError)
+    assert message.startswith("2 of 20 images (10.0%) could not be loaded, more than data.max_bad_fraction=0.05: ")
+    assert f"{tmp_path / 'bad0.jpg'} (not an image file PIL can read), {tmp_path / 'bad1.jpg'} (" in message
+    assert message.endswith("; delete or re-encode these files, or raise --data.max_bad_fraction to train on without them")
+
+
+def test_small_dataset_is_judged_once_seen_and_at_epoch_end(tmp_path):
+    save_png(tmp_path / "good.png", size=4)
+    for k in range(4):
+        save_corrupt(tmp_path / f"bad{k}.jpg")
+    ds = build_dataset(folder_cfg(tmp_path, img_size=4))
+    tracker = BadImageTracker(ds)
+    assert tracker.min_seen == 5  # the whole dataset, not 20 images
+    tracker.update(collate([ds[0], ds[4]]))  # bad0.jpg, good.png
+    tracker.check(max_bad_fraction=0.05)  # 2 of 5 seen: no verdict yet
+    with pytest.raises(data.BadImagesError, match=r"^1 of 2 images \(50.0%\) could not be loaded"):
+        tracker.check(max_bad_fraction=0.05, epoch_end=True)
+    tracker.update(collate([ds[1], ds[2], ds[3]]))
+    with pytest.raises(data.BadImagesError, match=r"^4 of 5 images \(80.0%\).*bad0\.jpg.*bad3\.jpg"):
+        tracker.check(max_bad_fraction=0.05)
+    tracker.check(max_bad_fraction=0.8)  # at the limit: allowed
+
+
+def test_nothing_loaded_stops_at_epoch_end_whatever_the_fraction(tmp_path):
+    for k in range(7):
+        save_corrupt(tmp_path / f"bad{k}.png")
+    ds = build_dataset(folder_cfg(tmp_path, img_size=4))
+    tracker = BadImageTracker(ds)
+    for batch in build_loader(ds, batch_size=3, shuffle=False):
+        assert len(batch) == 0
+        tracker.update(batch)
+    tracker.check(max_bad_fraction=1.0)  # allowed, until the epoch's end
+    with pytest.raises(data.BadImagesError) as e:
+        tracker.check(max_bad_fraction=1.0, epoch_end=True)
+    message = str(e.value)
+    assert message.startswith(f"none of the 6 images tried could be loaded: {tmp_path / 'bad0.png'} (not an image")
+    assert "bad4.png" in message and "bad5.png" not in message and message.count("(not an image") == 5
+    assert " and 1 more; point --data at images PIL can open" in message
+
+
+def test_counts_of_all_ranks_decide(tmp_path):
+    """With ``reduce_sum``, the verdict and the summary use every rank's counts (here: this rank x 2)."""
+    for k in range(3):
+        save_png(tmp_path / f"good{k}.png", size=4, value=k)
+    save_corrupt(tmp_path / "bad.png")
+    ds = build_dataset(folder_cfg(tmp_path, img_size=4))
+    calls = []
+
+    def twice(t):
+        calls.append(t.shape)
+        return t * 2
+
+    tracker = BadImageTracker(ds, reduce_sum=twice)
+    tracker.update(collate([ds[0], ds[3]]))
+    with pytest.raises(data.BadImagesError, match=r"^2 of 4 images \(50.0%\)"):
+        tracker.check(max_bad_fraction=0.25)
+    assert calls == [(2,), (4,)]  # the counts, then (when stopping) the mask of failed files
+    summary = tracker.summary()
+    assert (summary["images_seen"], summary["failed_loads"], summary["num_bad_files"]) == (4, 2, 1)
 
 
 def test_collate_all_failed():
