@@ -198,6 +198,18 @@ def test_recorded_sizes_are_checked_against_the_tensors(files, tmp_path, cli_fai
         openmae.load_pretrained(path)
 
 
+@pytest.mark.parametrize("name", openmae.list_models())
+def test_the_allocation_estimate_is_close_for_every_family(name):
+    """The guard refuses a model of more than 4x its file's values (+ 64M): it must never refuse a
+    registered model's own file, so its estimate stays within a factor of two of the real count."""
+    from openmae.interop.architecture import allocation_estimate
+    from tests.test_registry import shrink
+
+    model = openmae.create_model(name, **shrink(name))
+    real = sum(t.numel() for t in model.state_dict().values())
+    assert 0.5 <= allocation_estimate(model.config) / real <= 2
+
+
 def test_damaged_openmae_metadata(files, tmp_path):
     path = tmp_path / "m.safetensors"
     save_file(load_file(files["good"]), str(path), metadata={"openmae": "{not json"})
@@ -256,7 +268,9 @@ def test_shard_index_paths_stay_in_the_folder(files, tmp_path, cli_fails):
     outside.write_bytes(files["good"].read_bytes())
     folder = _sharded(tmp_path, files, "../outside.safetensors")
     index = folder / "model.safetensors.index.json"
-    cli_fails(["inspect", folder], [str(index), "../outside.safetensors", "outside the index's folder"], keep=[tmp_path])
+    cli_fails(
+        ["inspect", folder], [str(index), "../outside.safetensors", "outside the index's folder"], keep=[tmp_path]
+    )
     index.write_text(index.read_text().replace("../outside.safetensors", str(outside)))
     cli_fails(["inspect", folder], [str(index), "an absolute path"], keep=[tmp_path])
     index.write_text(index.read_text().replace(json.dumps(str(outside)), '"model.safetensors.index.json"'))
@@ -335,7 +349,7 @@ def test_an_encoder_only_file_loads_with_a_note(files, tmp_path):
     """No decoder at all is not a partial decoder: the MAE loads, its report says reconstruction is unavailable."""
     encoder = {k: v for k, v in load_file(files["good"]).items() if not k.startswith(("decoder", "mask_token"))}
     torch.save({"model": encoder}, tmp_path / "encoder.pth")
-    model, report = load(tmp_path / "encoder.pth", num_heads=2)
+    _, report = load(tmp_path / "encoder.pth", num_heads=2)
     assert report.partial_line() is None and any("no decoder" in n for n in report.notes)
 
 
@@ -353,7 +367,9 @@ def test_inspect_reports_what_is_missing(files, capsys):
 def test_convert_refuses_to_overwrite(files, tmp_path, cli_fails):
     dst = tmp_path / "out.pth"
     dst.write_bytes(b"someone else's file")
-    cli_fails(["convert", files["good"], dst, "--to", "official"], [str(dst), "already exists", "--overwrite"], keep=[dst])
+    cli_fails(
+        ["convert", files["good"], dst, "--to", "official"], [str(dst), "already exists", "--overwrite"], keep=[dst]
+    )
     assert main(["convert", str(files["good"]), str(dst), "--to", "official", "--overwrite"]) == 0
     assert torch.load(dst, weights_only=True)["openmae"]["arch"] == ARCH
     folder = tmp_path / "hf"

@@ -29,6 +29,7 @@ from openmae.interop.weights import (
     LoadReport,
     Weights,
     abbrev,
+    plural,
 )
 from openmae.io import unwrap
 from openmae.models import list_models, model_factory
@@ -67,7 +68,10 @@ def infer_config(state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
         )
     w = tensor_shape(state, "patch_embed.proj.weight", (4,))
     if w is None:
-        raise ValueError("no conv patch embedding (patch_embed.proj.weight): not a ViT / MAE checkpoint")
+        raise ValueError(
+            "no conv patch embedding (patch_embed.proj.weight): not a ViT / MAE checkpoint whose shapes say its "
+            "architecture; build the model and load into it: openmae.create_model(name, pretrained=path)"
+        )
     dim, chans, ph, pw = w
     if ph != pw:
         raise ValueError(f"patch_embed.proj.weight has non-square {ph}x{pw} patches; openmae's ViT needs square ones")
@@ -115,7 +119,7 @@ LIMITS = {
     "num_classes": 1_000_000,
 }
 MAX_STAGES = 8  # entries of a per-stage list (Swin's depths, ConvMAE's widths)
-CAN_BE_ZERO = ("depth", "decoder_depth", "depths", "num_classes")
+CAN_BE_ZERO = ("depth", "decoder_depth", "depths", "num_classes", "window_size")  # window 0: global attention
 # Sizes that shapes show: a declared value must agree with the tensor that carries it.
 SHAPE_KEYS = ("embed_dim", "in_chans", "patch_size", "mlp_ratio", "decoder_embed_dim")
 SWIN_SHAPE_KEYS = ("embed_dim", "in_chans", "patch_size", "window_size", "num_heads", "mlp_ratio")
@@ -145,10 +149,11 @@ def check_config(cfg: dict[str, Any], weights: Weights, overrides: dict[str, Any
             continue
         value = cfg[key]
         values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if isinstance(value, (list, tuple)) and not 1 <= len(values) <= MAX_STAGES:
+        entries = (2, 2) if key == "img_size" else (1, MAX_STAGES)  # (H, W); one per stage
+        expected = "a pair (H, W)" if key == "img_size" else f"one to {MAX_STAGES} entries"
+        if isinstance(value, (list, tuple)) and not entries[0] <= len(values) <= entries[1]:
             raise ValueError(
-                f"{_where(key, weights, overrides)} is {value!r}: one to {MAX_STAGES} entries were expected; "
-                f"{_fix(key, overrides)}"
+                f"{_where(key, weights, overrides)} is {value!r}: {expected} was expected; {_fix(key, overrides)}"
             )
         low = 0 if key in CAN_BE_ZERO else 1
         for v in values:
@@ -162,13 +167,16 @@ def check_config(cfg: dict[str, Any], weights: Weights, overrides: dict[str, Any
                     f"{_where(key, weights, overrides)} is {value!r}, beyond any model openmae builds (at most "
                     f"{limit:,}); {_fix(key, overrides)}"
                 )
-    for key, high in (("mlp_ratio", 64.0), ("norm_eps", 1.0)):
-        v = cfg.get(key)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= high
-        if key in cfg and not (ok and (v > 0 or key == "norm_eps")):
-            raise ValueError(
-                f"{_where(key, weights, overrides)} is {v!r}, not a number in (0, {high}]; {_fix(key, overrides)}"
-            )
+    for key, high in (("mlp_ratio", 64.0), ("norm_eps", 1.0)):  # ConvMAE gives a ratio per stage
+        value = cfg.get(key)
+        values = list(value) if key == "mlp_ratio" and isinstance(value, (list, tuple)) and value else [value]
+        for v in values:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= high
+            if key in cfg and not (ok and (v > 0 or key == "norm_eps")):
+                raise ValueError(
+                    f"{_where(key, weights, overrides)} is {value!r}, not a number in (0, {high}]; "
+                    f"{_fix(key, overrides)}"
+                )
 
 
 def _agree(keys: tuple[str, ...], shaped: dict[str, Any], weights: Weights, overrides: dict[str, Any]) -> None:
@@ -197,12 +205,13 @@ def _agree(keys: tuple[str, ...], shaped: dict[str, Any], weights: Weights, over
 
 
 def allocation_estimate(cfg: dict[str, Any]) -> int:
-    """About how many values building a model with ``cfg`` allocates (weights and fixed tables), an
-    upper estimate for every family openmae registers; sizes ``cfg`` leaves out take ViT-B's values."""
+    """About how many values building a model with ``cfg`` allocates (weights and fixed tables): within
+    a factor of two for every family openmae registers (tested); sizes ``cfg`` leaves out take ViT-B's."""
     h, w = to_2tuple(cfg.get("img_size", 224))
     patch = cfg.get("patch_size", 4)  # ConvMAE has none: its first stage embeds 4x4 patches
     tokens = -(-h // patch) * -(-w // patch)
-    ratio = max(float(cfg.get("mlp_ratio", 4.0)), 1.0)
+    ratio = cfg.get("mlp_ratio", 4.0)
+    ratio = max(float(max(ratio) if isinstance(ratio, (list, tuple)) else ratio), 1.0)
 
     def block(width: int) -> int:  # two norms, qkv, projection, MLP
         return int((4 + 2 * ratio) * width * width)
@@ -384,7 +393,8 @@ def _mismatches(own: dict[str, Tensor], state: dict[str, Tensor]) -> list[str]:
 
 def _mismatch_error(source: str, bad: list[str]) -> ValueError:
     return ValueError(
-        f"shape mismatch loading {source} ({len(bad)} tensors of another shape or type): {'; '.join(bad[:6])}"
+        f"shape mismatch loading {source} ({plural(len(bad), 'tensor')} of another shape or type): "
+        f"{'; '.join(bad[:6])}"
         f"{' ...' if len(bad) > 6 else ''}; build the model the file describes, or pass its sizes"
     )
 
@@ -516,11 +526,13 @@ def incomplete_message(source: str, plan: LoadPlan, arch: str) -> str:
     """Why a strict load refuses ``plan``, naming the tensors the file lacks."""
     parts = []
     if plan.missing_encoder:
-        parts.append(f"{len(plan.missing_encoder)} tensors of {arch}'s encoder ({abbrev(plan.missing_encoder, 4)})")
+        parts.append(
+            f"{plural(len(plan.missing_encoder), 'tensor')} of {arch}'s encoder ({abbrev(plan.missing_encoder, 4)})"
+        )
     if plan.partial_decoder:
         parts.append(
-            f"{len(plan.missing_decoder)} tensors of its decoder ({abbrev(plan.missing_decoder, 4)}) although it "
-            "holds the rest of one"
+            f"{plural(len(plan.missing_decoder), 'tensor')} of its decoder ({abbrev(plan.missing_decoder, 4)}) "
+            "although it holds the rest of one"
         )
     return (
         f"{source} lacks {' and '.join(parts)}: the file is incomplete (an interrupted save or export?) or holds "
@@ -547,12 +559,12 @@ def load_into(
     plan = plan_load(own, weights, exact=strict)
     if plan.unexpected and strict:
         raise ValueError(
-            f"{weights.source} does not match {name}: {len(plan.unexpected)} of its tensors have no place in the "
+            f"{weights.source} does not match {name}: {plural(len(plan.unexpected), 'tensor')} with no place in the "
             f"model ({abbrev(plan.unexpected)}); its description and its tensors disagree: re-export it"
         )
     if plan.unexpected:
         raise ValueError(
-            f"{weights.source}: {len(plan.unexpected)} tensors have no place in {name}: "
+            f"{weights.source}: {plural(len(plan.unexpected), 'tensor')} with no place in {name}: "
             f"{abbrev(plan.unexpected)}. The checkpoint's architecture differs from openmae's ViT "
             "(layer scale, qk-norm, register tokens or a different block layout)"
         )
@@ -565,7 +577,8 @@ def load_into(
     notes = plan.notes
     if accepted:
         notes.append(
-            f"{PARTIAL_NOTE}: {len(accepted)} tensors not in the file keep their initial values: {abbrev(accepted)}"
+            f"{PARTIAL_NOTE}: {plural(len(accepted), 'tensor')} not in the file keep their initial values: "
+            f"{abbrev(accepted)}"
         )
     missing = [k for k in own if k not in plan.state and k not in FIXED]
     if not weights.has_decoder and any(k.startswith(DECODER_PREFIXES) for k in own):

@@ -123,6 +123,11 @@ class LoadReport:
     __str__ = summary
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 tensor``, ``2 tensors``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def abbrev(names: list[str], limit: int = 6) -> str:
     more = f" ... (+{len(names) - limit})" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -176,8 +181,8 @@ def safe_torch_load(path: str | Path) -> Any:
             "plain pickle, or not a checkpoint at all). openmae never runs code from a checkpoint; if you trust "
             "the file's source, load it yourself and save its state dict as safetensors."
         ) from None
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or _reason(e)}; check that it is a readable file") from None
+    except PermissionError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or _reason(e)}; check its permissions") from None
     except Exception as e:  # noqa: BLE001 -- torch's reader fails on damaged bytes in many ways (zip, EOF, struct, ...)
         raise ValueError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: {_reason(e)}); re-save it or "
