@@ -92,7 +92,9 @@ def run(s: ConvertSettings) -> str:
         try:
             model = create_model(s.model, **s.overrides)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"cannot build --model {s.model} with --set {s.overrides}: {e}") from None
+            raise ConfigError(
+                f"cannot build --model {s.model} with --set {s.overrides}: {e}; correct or drop the --set"
+            ) from None
         report = load_weights_into(model, s.src, allow_partial=s.allow_partial)
     else:
         model, report = load(s.src, allow_partial=s.allow_partial, **s.overrides)

@@ -51,7 +51,10 @@ def tensor_shape(state: dict[str, Tensor], key: str, ndims: tuple[int, ...]) -> 
         return None
     if t.dim() not in ndims or 0 in t.shape:
         want = " or ".join(f"{n}-D" for n in ndims)
-        raise ValueError(f"{key} has shape {tuple(t.shape)}, where a {want} tensor with no empty dimension belongs")
+        raise ValueError(
+            f"{key} has shape {tuple(t.shape)}, where a {want} tensor with no empty dimension belongs; the file is "
+            "damaged or not a ViT checkpoint"
+        )
     return tuple(t.shape)
 
 

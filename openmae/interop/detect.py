@@ -59,7 +59,8 @@ def detect_file(path: Path) -> tuple[str, Any]:
             if latest_checkpoint(path) is not None:
                 return "openmae", None
             raise FileNotFoundError(
-                f"{path} holds no weights (model.safetensors, pytorch_model.bin) and no training checkpoint"
+                f"{path} holds no weights (model.safetensors, pytorch_model.bin) and no training checkpoint; point "
+                "at a weights file, or a run folder that has one"
             )
         return detect_file(weights)[0], None
     if path.suffix == ".safetensors":

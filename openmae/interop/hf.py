@@ -165,7 +165,7 @@ def state_from_hf(
         if len(shapes) != 1 or len(next(iter(shapes))) != (2 if param == "weight" else 1):
             raise ValueError(
                 f"{source}: {prefix} attention query, key and value {param}s have shapes {sorted(shapes)}; they "
-                f"must be {'matrices' if param == 'weight' else 'vectors'} of one shape"
+                f"must be {'matrices' if param == 'weight' else 'vectors'} of one shape: the file is damaged"
             )
         out[f"{prefix}attn.qkv.{param}"] = torch.cat([qkv_parts[0], qkv_parts[1], qkv_parts[2]], dim=0)
     no_bias = [k for k in out if k.endswith("attn.qkv.weight") and k[: -len("weight")] + "bias" not in out]
@@ -329,7 +329,7 @@ def read(path: str | Path, obj: Any = None) -> Weights:
     if config is not None:
         cfg, mask_ratio, config_notes = config_from_hf(config, str(folder / "config.json"))
         notes += config_notes
-        origin = {k: f"{folder / 'config.json'} {name}" for k, name in HF_NAMES.items()}
+        origin = {k: f"config.json {name}" for k, name in HF_NAMES.items()}
     else:
         cfg, mask_ratio = {"norm_eps": HF_DEFAULTS["layer_norm_eps"]}, None
         notes.append("no config.json: assuming transformers' layer_norm_eps 1e-12, the rest inferred from shapes")

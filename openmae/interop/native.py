@@ -64,7 +64,13 @@ def read(path: str | os.PathLike) -> Weights:
     kind = "training checkpoint" if "training" in meta else "exported model"
     origin = {k: f"its openmae metadata's config.{k}" for k in config}
     return Weights(
-        str(path), "openmae", kind, split_model_state(tensors), arch=arch, config=dict(config), complete=True,
+        str(path),
+        "openmae",
+        kind,
+        split_model_state(tensors),
+        arch=arch,
+        config=dict(config),
+        complete=True,
         origin=origin,
     )
 

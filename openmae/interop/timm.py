@@ -78,7 +78,10 @@ def _config_from_timm(args: Any, pretrained_cfg: Any, source: str) -> tuple[dict
     """(constructor arguments, where each is declared) from timm's ``model_args`` / ``pretrained_cfg``."""
     for what, value in (("model_args", args), ("pretrained_cfg", pretrained_cfg)):
         if not isinstance(value, dict):
-            raise ValueError(f"{source}: its timm config's {what} is a {type(value).__name__}, not an object")
+            raise ValueError(
+                f"{source}: its timm config's {what} is a {type(value).__name__}, not an object; fix config.json "
+                "or re-export the model"
+            )
     keys = ("embed_dim", "depth", "depths", "num_heads", "window_size", "mlp_ratio", "patch_size", "in_chans")
     cfg = {k: args[k] for k in keys if k in args}
     origin = {k: f"its timm model_args.{k}" for k in cfg}

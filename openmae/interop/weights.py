@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -138,7 +139,10 @@ def abbrev(names: list[str], limit: int = 6) -> str:
 
 def _reason(error: BaseException) -> str:
     """The first sentence of an exception's message (its type when it says nothing), for a one-line error."""
-    lines = str(error).strip().splitlines()
+    text = str(error)
+    if m := re.search(r"tried to allocate (\d+) bytes", text):  # torch's old format: a storage size read from the file
+        return f"it declares a {int(m.group(1)):,}-byte tensor that it does not hold"
+    lines = text.strip().splitlines()
     line = lines[0].strip().split(". ")[0] if lines else ""
     if not line or line.isdigit() or line.startswith("'"):  # KeyError('101'), EOFError(): say what it is
         line = f"{type(error).__name__}{': ' + line if line else ''}"
@@ -261,7 +265,7 @@ def declared_int(value: Any, what: str, minimum: int = 1) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{what} is {value!r}, not a whole number >= {minimum}")
+        raise ValueError(f"{what} is {value!r}, not a whole number >= {minimum}; fix that entry or re-export the file")
     return value
 
 
@@ -270,7 +274,9 @@ def declared_float(value: Any, what: str, low: float, high: float, high_open: bo
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or value > high or (high_open and value == high):
         bracket = ")" if high_open else "]"
-        raise ValueError(f"{what} is {value!r}, not a number in [{low}, {high}{bracket}")
+        raise ValueError(
+            f"{what} is {value!r}, not a number in [{low}, {high}{bracket}; fix that entry or re-export the file"
+        )
     return float(value)
 
 
@@ -278,7 +284,9 @@ def declared_size(value: Any, what: str) -> int | tuple[int, int]:
     """An image size a file declares: one side, or a (height, width) pair."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
-            raise ValueError(f"{what} is {value!r}, not a size or a (height, width) pair")
+            raise ValueError(
+                f"{what} is {value!r}, not a size or a (height, width) pair; fix that entry or re-export the file"
+            )
         return declared_int(value[0], what), declared_int(value[1], what)
     return declared_int(value, what)
 
@@ -362,7 +370,10 @@ def read_index(index_path: Path) -> tuple[dict[str, str], list[Path]]:
                 "shards must lie in the index's own folder"
             )
         if shard.endswith(".index.json"):
-            raise ValueError(f"{index_path}: weight_map entry {tensor!r} points at another index ({shard!r})")
+            raise ValueError(
+                f"{index_path}: weight_map entry {tensor!r} points at another index ({shard!r}); shards are "
+                "weight files"
+            )
         shards.append(shard)
     # symlinks inside the folder are followed (the Hugging Face cache links its snapshots to blobs)
     return weight_map, [index_path.parent / name for name in sorted(set(shards))]
@@ -381,7 +392,10 @@ def read_state_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             state.update(read_state_file(shard)[0])
         absent = [k for k in expected if k not in state]
         if absent:
-            raise ValueError(f"{path}: {len(absent)} tensors its weight_map lists are in no shard: {abbrev(absent)}")
+            raise ValueError(
+                f"{path}: {plural(len(absent), 'tensor')} its weight_map lists in no shard ({abbrev(absent)}); a shard "
+                "is missing or damaged: download the checkpoint again"
+            )
         return state, {}
     if path.suffix == ".safetensors":
         return read_safetensors_file(path)
