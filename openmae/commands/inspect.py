@@ -24,7 +24,7 @@ def _yes_no(value: bool | None) -> str:
 
 def run(s: InspectSettings) -> None:
     from openmae.interop import inspect_checkpoint
-    from openmae.interop.weights import abbrev
+    from openmae.interop.weights import abbrev, plural
 
     info = inspect_checkpoint(s.path)
     if s.json:
@@ -56,15 +56,15 @@ def run(s: InspectSettings) -> None:
         f"decoder {info['decoder_parameters']:,}; fixed sin-cos tables not counted)"
     )
     problems = [
-        ("missing", info["missing_encoder"], "encoder tensors not in the file (loading needs --allow-partial)"),
-        ("missing", info["missing_decoder"], "decoder tensors not in the file (loading needs --allow-partial)"),
-        ("mismatched", info["mismatched"], f"tensors of another shape or type than {info['arch']}'s"),
-        ("unexpected", info["unexpected"], f"tensors with no place in {info['arch']}"),
+        ("missing", info["missing_encoder"], "encoder tensor", "not in the file (loading needs --allow-partial)"),
+        ("missing", info["missing_decoder"], "decoder tensor", "not in the file (loading needs --allow-partial)"),
+        ("mismatched", info["mismatched"], "tensor", f"of another shape or type than {info['arch']}'s"),
+        ("unexpected", info["unexpected"], "tensor", f"with no place in {info['arch']}"),
     ]
-    for label, names, what in problems:
+    for label, names, noun, what in problems:
         if names:
-            print(f"{label + ':':<15}{len(names)} {what}: {abbrev(names, 4)}")
-    if not any(names for _, names, _ in problems):
+            print(f"{label + ':':<15}{plural(len(names), noun)} {what}: {abbrev(names, 4)}")
+    if not any(names for _, names, _, _ in problems):
         parts = "encoder and decoder" if info["has_decoder"] else "encoder"
         print(f"tensors:       all of {info['arch']}'s {parts}")
     for note in info["notes"]:
