@@ -200,6 +200,14 @@ def test_a_header_declaring_a_huge_tensor_allocates_nothing(base):
         load(path)
 
 
+@pytest.mark.parametrize("header", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 3000 + b"1" + b"}" * 3000])
+def test_a_deeply_nested_header_is_refused(base, header):
+    path = base["dir"] / "nested.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match="nested.safetensors"):
+        load(path)
+
+
 # -- Hugging Face config.json ---------------------------------------------------------------------
 
 HF_KEYS = [

@@ -200,7 +200,7 @@ def read_safetensors_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str
     _check_readable(path)
     try:
         return read_safetensors(path)
-    except SafetensorError as e:
+    except (SafetensorError, RecursionError) as e:  # RecursionError: a header of deeply nested JSON
         raise _bad_safetensors(path, e) from None
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror or _reason(e)}; check that it is a readable file") from None
@@ -214,7 +214,7 @@ def safetensors_header(path: str | Path) -> tuple[dict[str, str], list[str]]:
         meta = read_safetensors_metadata(path)
         with safe_open(str(path), framework="pt") as f:
             return meta, list(f.keys())
-    except SafetensorError as e:
+    except (SafetensorError, RecursionError) as e:  # RecursionError: a header of deeply nested JSON
         raise _bad_safetensors(path, e) from None
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror or _reason(e)}; check that it is a readable file") from None
