@@ -12,6 +12,8 @@ one-line result, which main prints to stdout on rank 0 only (logs and progress b
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import os
 import sys
 import textwrap
@@ -19,9 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+from safetensors import SafetensorError
+
 from openmae.commands import convert, embed, finetune, inspect, knn, linprobe, models, pretrain, recipes, reconstruct
 from openmae.config import PretrainConfig, add_config_args, config_from_args
 from openmae.eval_config import FinetuneConfig, KNNConfig, LinprobeConfig
+
+# the failures a user's input or machine can cause; FileNotFoundError and PermissionError are OSErrors
+ANTICIPATED = (ValueError, OSError, yaml.YAMLError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``openmae ARGV``: returns the exit status, 0 when the command ran, 2 for a user error (argparse
+    exits 2 itself on a flag it cannot read), 130 when interrupted."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
@@ -99,16 +109,60 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[args.command]
     try:
         result = command.run(config_from_args(args, command.settings))
-    except (ValueError, FileNotFoundError) as e:
-        # user-facing errors (ConfigError, unsafe pickles, shape mismatches, missing decoder, ...)
-        # say what to change; OPENMAE_DEBUG=1 shows the traceback
+    except KeyboardInterrupt:
         if os.environ.get("OPENMAE_DEBUG"):
             raise
-        print(f"openmae {args.command}: error: {e}", file=sys.stderr)
+        print(f"openmae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except ANTICIPATED as e:
+        # user-facing errors (ConfigError, unsafe pickles, shape mismatches, a file that cannot be
+        # read or written, ...) say what to change; OPENMAE_DEBUG=1 shows the traceback. Anything
+        # else (a TypeError, KeyError, ... from openmae's own code) is a bug and keeps its traceback.
+        if os.environ.get("OPENMAE_DEBUG"):
+            raise
+        print(f"openmae {args.command}: error: {describe_error(e)}", file=sys.stderr)
         return 2
     if result is not None and int(os.environ.get("RANK", "0")) == 0:
         print(result)
     return 0
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an anticipated failure: openmae's own message as it is; for an error from the
+    system or a library, what failed, the file where it is known, and what to try."""
+    if isinstance(e, OSError) and e.strerror:  # raised by the system: errno, strerror, filename
+        return _describe_os_error(e)
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e}; check that the file is complete and is JSON"
+    if isinstance(e, yaml.YAMLError):
+        return f"invalid YAML: {' '.join(str(e).split())}"
+    if isinstance(e, SafetensorError):
+        return f"cannot read a safetensors file: {e}; it may be truncated or not a safetensors file"
+    return " ".join(str(e).split()) or type(e).__name__  # one line
+
+
+_OS_HINTS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOSPC: "the disk is full; free some space or choose another path",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or choose another path",
+    errno.EISDIR: "it is a folder; give a file",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def _describe_os_error(e: OSError) -> str:
+    """``PATH: what failed; what to try`` for an OSError the system raised (it names its file)."""
+    what = e.strerror.rstrip(".").lower()
+    where = e.filename
+    if e.filename2 is not None:
+        where = f"{e.filename} -> {e.filename2}"
+    hint = _OS_HINTS.get(e.errno)
+    line = f"{where}: {what}" if where is not None else what
+    return f"{line}; {hint}" if hint else line
 
 
 if __name__ == "__main__":

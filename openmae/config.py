@@ -17,6 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import difflib
+import functools
+import math
+import numbers
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +77,161 @@ class ConfigError(ValueError):
     """A setting is invalid; the message says what to change."""
 
 
+# -- types ------------------------------------------------------------------------------------
+# Every setting is checked against its field's type wherever it is read (a recipe, a dict, a flag,
+# Python construction), so a wrong type is refused by name before anything runs or is written,
+# not found by a TypeError deep in training.
+
+
+class _Mismatch(Exception):
+    """A value does not fit a type: ``where`` (``[1]``, ``.depth``) narrows it to an item or entry."""
+
+    def __init__(self, expected: str, value: Any, hint: str, where: str = "") -> None:
+        super().__init__(expected)
+        self.expected, self.value, self.hint, self.where = expected, value, hint, where
+
+
+def show_value(value: Any) -> str:
+    """A value as a recipe would spell it: null, true, 64.7, 'lots', [1, 2]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {show_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite number, None if it is not one (bools are not numbers). A string that
+    reads as a number counts, as YAML 1.1 reads ``1e-4`` (no dot) as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, numbers.Real) and math.isfinite(value):  # numpy's scalars too
+        return value
+    return None
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` as the type ``tp`` (widening int to float, 64.0 to 64, ``'1e-4'`` to 1e-4), or _Mismatch."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(tp)
+        if value is None and type(None) in arms:
+            return None
+        errors = []
+        for arm in (a for a in arms if a is not type(None)):
+            try:
+                return _coerce(value, arm)
+            except _Mismatch as e:
+                errors.append(e)
+        raise errors[0]  # the first arm is the field's main type (``int | None``: an integer)
+    if value is None:
+        hint = "give a value, or leave the setting out for its default"
+        raise _Mismatch(_EXPECTED.get(origin or tp, "a value"), value, hint)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Mismatch("true or false", value, "write true or false")
+        return value
+    if tp is int:
+        number = _number(value) if not isinstance(value, str) else None
+        if number is None or number != int(number):
+            raise _Mismatch("an integer", value, "write a whole number")
+        return int(number)
+    if tp is float:
+        number = _number(value)
+        if number is None:
+            raise _Mismatch("a number", value, "write a finite number like 0.5 or 1.5e-4")
+        return float(number)
+    if tp is str:
+        if isinstance(value, bool):
+            raise _Mismatch("a string", value, "YAML reads yes/no/on/off as true/false: put the word in quotes")
+        if isinstance(value, (numbers.Real, datetime.date)):  # YAML reads 2024-01-01 as a date
+            return str(value)
+        if not isinstance(value, str):
+            raise _Mismatch("a string", value, "write a single value")
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch("a list", value, "write a list like [a, b]")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_coerce(v, item))
+            except _Mismatch as e:
+                raise _Mismatch(e.expected, e.value, e.hint, f"[{i}]{e.where}") from None
+        return out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch("a mapping", value, "write a mapping like {key: value}")
+        item = (typing.get_args(tp) or (str, Any))[1]
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise _Mismatch("a mapping with names as keys", value, f"{show_value(k)} is not a name")
+            try:
+                out[k] = _coerce(v, item)
+            except _Mismatch as e:
+                raise _Mismatch(e.expected, e.value, e.hint, f".{k}{e.where}") from None
+        return out
+    return value  # a type this module does not declare settings with: left to __post_init__
+
+
+_EXPECTED = {
+    bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"
+}
+
+
+def coerce_setting(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as the field type ``tp``, or a ConfigError naming the setting ``key``
+    (``train.batch_size must be an integer, got 64.7; write a whole number``)."""
+    try:
+        return _coerce(value, tp)
+    except _Mismatch as e:
+        raise ConfigError(f"{key}{e.where} must be {e.expected}, got {show_value(e.value)}; {e.hint}") from None
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_types(section: Any, name: str) -> None:
+    """Check (and normalise: 64.0 -> 64, 1 -> 1.0) every field of the dataclass ``section`` against
+    its declared type; ``name`` is the section's name in messages (``train`` gives
+    ``train.batch_size must be an integer, got 64.7; ...``). Sections call it first in
+    ``__post_init__``, so a dataclass built in Python is checked like a recipe."""
+    hints = _hints(type(section))
+    for f in dataclasses.fields(section):
+        if _is_section(hints[f.name]):
+            continue
+        key = f"{name}.{f.name}" if name else f.name
+        setattr(section, f.name, coerce_setting(getattr(section, f.name), hints[f.name], key))
+
+
+def check_constructor_kwargs(cls: type, kwargs: dict[str, Any], name: str) -> dict[str, Any]:
+    """``kwargs`` with each scalar constructor argument of ``cls`` (annotated bool, int, float or
+    str) checked and converted like a setting, so ``depth=lots`` is named here rather than in a
+    torch error; other arguments, and names ``cls`` does not take, are left to the constructor."""
+    hints = typing.get_type_hints(cls.__init__)
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        if _unwrap_optional(hints.get(key)) in (bool, int, float, str):
+            out[key] = coerce_setting(value, hints[key], f"{name}.{key}")
+    return out
+
+
 def check_choices(section: Any, name: str) -> None:
     """Refuse any field of the dataclass ``section`` whose value is not among its declared ``choices``.
 
@@ -93,15 +255,21 @@ class ModelConfig:
     kwargs: dict = opt({}, "other constructor overrides, repeatable: decoder_depth=4 or {decoder_depth: 4, depth: 6}")
 
     def __post_init__(self) -> None:
+        check_types(self, "model")
         if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}; 0.75 is the paper's default")
+            raise ConfigError(
+                f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}: at least one patch must stay visible; "
+                "0.75 is the paper's default"
+            )
         check_choices(self, "model")
         from openmae.models import model_factory
 
         try:
-            model_factory(self.name)
+            factory = model_factory(self.name)
         except ValueError as e:
             raise ConfigError(f"model.name: {e}") from None
+        if hasattr(factory, "cls"):
+            self.kwargs = check_constructor_kwargs(factory.cls, self.kwargs, "model.kwargs")
 
 
 @dataclass
@@ -123,17 +291,28 @@ class DataConfig:
     num_workers: int = opt(2, "data-loading processes per rank")
     limit: int | None = opt(None, "use only the first N images (quick runs)")
     max_bad_fraction: float = opt(0.05, "stop when more than this fraction of images fail to load")
+    max_image_pixels: int | None = opt(
+        178_956_970,  # 2 x PIL's Image.MAX_IMAGE_PIXELS: the size PIL itself refuses as a decompression bomb
+        "count an image with more pixels (width x height) than this as bad, before decoding it; null: no limit",
+    )
 
     def __post_init__(self) -> None:
+        check_types(self, "data")
         if self.path is not None and self.name == "fashion-mnist" and not _looks_like_idx_dir(self.path):
             self.name = "folder"  # `--data DIR` alone means an image folder
         if self.name not in ("fashion-mnist", "digits", "folder"):
             raise ConfigError(f"data.name must be fashion-mnist, digits or folder, got {self.name!r}")
+        if self.name == "digits" and self.path is not None:
+            raise ConfigError(
+                f"data.path {self.path} is set but data.name is digits, which is built in and reads no files; "
+                "drop --data, or pass --dataset folder to train on the folder"
+            )
         if self.name == "folder":
             if self.path is None:
                 raise ConfigError("data.name=folder needs a path: pass --data /path/to/images")
             if not Path(self.path).is_dir():
-                raise ConfigError(f"data path {self.path} does not exist or is not a directory")
+                what = "is a file, not a folder" if Path(self.path).exists() else "does not exist"
+                raise ConfigError(f"data.path {self.path} {what}; pass --data a folder of images")
         if self.img_size < 1:
             raise ConfigError(f"data.img_size must be positive, got {self.img_size}")
         check_choices(self, "data")  # augment, as this class or a protocol's subclass declares it
@@ -143,8 +322,22 @@ class DataConfig:
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1, got {self.limit}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0: load in the main process), got {self.num_workers}")
+        for stat in ("mean", "std"):
+            values = getattr(self, stat)
+            if values is not None and len(values) not in (1, self.num_channels()):
+                counts = "1 value" if self.num_channels() == 1 else f"1 or {self.num_channels()} values"
+                raise ConfigError(f"data.{stat} needs {counts} (one per channel), got {values}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"data.std must be positive (it divides the pixels), got {self.std}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(
+                f"data.max_image_pixels must be a positive number of pixels, got {self.max_image_pixels}; "
+                "pass null for no limit"
+            )
 
     def num_channels(self) -> int:
         if self.channels is not None:
@@ -167,12 +360,17 @@ class OptimConfig:
     clip_grad: float | None = opt(None, "clip the global gradient norm to this value (off by default)")
 
     def __post_init__(self) -> None:
-        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
-            raise ConfigError("learning rates must be positive")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas must be two numbers, got {self.betas}")
+        check_types(self, "optim")
+        for name in ("base_lr", "lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name} must be positive, got {getattr(self, name)}")
+        for name in ("min_lr", "weight_decay", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError(f"optim.clip_grad must be positive (null: no clipping), got {self.clip_grad}")
 
     def resolved_lr(self, effective_batch: int) -> float:
         return self.lr if self.lr is not None else self.base_lr * effective_batch / 256
@@ -180,7 +378,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(2, "number of epochs", alias="--epochs")
+    epochs: int = opt(2, "number of epochs: whole passes over the data (max_steps stops earlier)", alias="--epochs")
     batch_size: int = opt(256, "images per process per step (effective batch = this x accum x world)", alias="--batch-size")
     accum_steps: int = opt(1, "gradient accumulation steps", alias="--accum")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (schedule still spans epochs)")
@@ -189,7 +387,7 @@ class TrainConfig:
     seed: int = opt(0, "seed of data order, augmentation, masks and init", alias="--seed")
     output_dir: str = opt("runs/pretrain", "where logs, checkpoints and the summary go", alias="--output")
     save_every: int = opt(1, "save a checkpoint every N epochs")
-    save_every_steps: int | None = opt(None, "also save every N steps")
+    save_every_steps: int | None = opt(None, "also save every N steps (0 or null: only at epoch ends)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     log_every: int = opt(20, "log scalars every N steps")
     resume: str | None = opt("auto", "checkpoint to resume: a path, 'auto' (latest in output dir) or 'none'", alias="--resume")
@@ -199,11 +397,20 @@ class TrainConfig:
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.recon_every < 0 or self.recon_images < 1:
-            raise ConfigError("train.recon_every must be >= 0 and train.recon_images >= 1")
-        for name in ("epochs", "batch_size", "accum_steps", "save_every", "log_every", "keep_checkpoints"):
+        check_types(self, "train")
+        counts = ("epochs", "batch_size", "accum_steps", "save_every", "log_every", "keep_checkpoints", "recon_images")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name, off in (("recon_every", "0: never"), ("save_every_steps", "0 or null: off")):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 ({off}), got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 (null: run every epoch), got {self.max_steps}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"train.seed must be a whole number in [0, 2^63), got {self.seed}")
+        if not self.output_dir.strip():
+            raise ConfigError("train.output_dir is empty; pass --output FOLDER")
         check_choices(self, "train")
         if self.resume in ("none", "None", "", "no"):
             self.resume = None
@@ -217,6 +424,57 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# -- output paths ------------------------------------------------------------------------------
+# Checked before a command does any work, so a run that cannot write its results fails at once,
+# naming the path, instead of after hours of training; nothing is created by the check.
+
+
+def check_output_dir(path: str | Path, setting: str = "output_dir") -> Path:
+    """Refuse an output folder that is a file or cannot be created or written; returns the path.
+
+    Creates nothing: an existing folder must be writable, a missing one needs its nearest existing
+    parent to be a writable folder. ``setting`` names the option in messages (``train.output_dir``).
+    """
+    path = Path(path)  # os.path's tests below count a path they may not look at as missing
+    what = f"output folder {path} ({setting})"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what} is a file, not a folder; choose a folder path")
+    if os.path.isdir(path):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what} is not writable; fix its permissions or choose another folder")
+        return path
+    _check_creatable(path, what)
+    return path
+
+
+def check_output_file(path: str | Path, setting: str = "out") -> Path:
+    """Refuse an output file path that is a folder or whose folder cannot be created or written;
+    returns the path. Creates nothing (see :func:`check_output_dir`)."""
+    path = Path(path)
+    what = f"output file {path} ({setting})"
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} is a folder; give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} exists and is not writable; choose another path")
+    if os.path.isdir(path.parent):
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write {what}: its folder {path.parent} is not writable; choose another path")
+    else:
+        _check_creatable(path.parent, f"the folder of {what}")
+    return path
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """Refuse a missing folder that cannot be created: its nearest existing parent must be a writable folder."""
+    parent = path.absolute()
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot create {what}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create {what}: {parent} is not writable; choose another path")
+
+
 # -- YAML and command line --------------------------------------------------------------------
 
 
@@ -225,22 +483,57 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return _hints(cls)
 
 
 def _is_section(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build ``cls`` from nested dicts; unknown keys are errors that list the valid ones."""
+def from_dict(cls: type, data: dict[str, Any] | None, source: str | Path | None = None) -> Any:
+    """Build the settings ``cls`` from nested dicts (a recipe's, or Python's).
+
+    Every value is checked against its field's type, and an unknown key is refused naming the
+    closest valid one, before anything is built; then each section's ``__post_init__`` checks what
+    the values mean. ``source`` (the recipe file) prefixes the messages of the first kind, as only
+    a recipe can give an unknown key or a wrongly typed value (flags are checked as they are parsed).
+    """
+    return _build(cls, _checked_from(cls, {} if data is None else data, source))
+
+
+def _checked_from(cls: type, data: Any, source: str | Path | None) -> dict[str, Any]:
+    """:func:`_checked`, its messages prefixed with ``recipe SOURCE:`` when ``source`` is given."""
+    try:
+        return _checked(cls, data, "")
+    except ConfigError as e:
+        if source is None:
+            raise
+        raise ConfigError(f"recipe {source}: {e}") from None
+
+
+def _checked(cls: type, data: Any, prefix: str) -> dict[str, Any]:
+    """``data`` with every value converted to its field's type, recursively (``prefix``: ``train.``)."""
+    if not isinstance(data, dict):
+        what = f"{prefix.rstrip('.')} must be a mapping of settings" if prefix else "the settings must be a mapping"
+        raise ConfigError(f"{what}, got {show_value(data)}; write it like {{name: value}}")
     hints = _field_types(cls)
-    kwargs = {}
-    for key, value in (data or {}).items():
+    out = {}
+    for key, value in data.items():
         if key not in hints:
-            raise ConfigError(f"unknown setting {cls.__name__}.{key}; valid: {', '.join(hints)}")
-        kwargs[key] = from_dict(hints[key], value) if _is_section(hints[key]) else value
-    return cls(**kwargs)
+            kind = "section" if not prefix and any(map(_is_section, hints.values())) else "setting"
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            guess = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"unknown {kind} {prefix}{key}; {guess}valid: {', '.join(hints)}")
+        if _is_section(hints[key]):
+            out[key] = _checked(hints[key], {} if value is None else value, f"{prefix}{key}.")
+        else:
+            out[key] = coerce_setting(value, hints[key], f"{prefix}{key}")
+    return out
+
+
+def _build(cls: type, checked: dict[str, Any]) -> Any:
+    hints = _field_types(cls)
+    return cls(**{k: _build(hints[k], v) if _is_section(hints[k]) else v for k, v in checked.items()})
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -255,11 +548,38 @@ def resolve_recipe(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
-    with open(resolve_recipe(name_or_path)) as f:
-        data = yaml.safe_load(f) or {}
+    """The mapping a YAML recipe holds (a path, or a shipped recipe's name). A file that cannot be
+    read, is not YAML, or does not hold a mapping of sections is refused naming the file (and, for
+    YAML syntax, the line)."""
+    path = resolve_recipe(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; give a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not a text file; give a YAML recipe") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
+    if data is None:
+        raise ConfigError(f"recipe {path} is empty; a recipe holds sections of overrides, e.g. train: {{epochs: 10}}")
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {name_or_path} must be a mapping of sections")
+        raise ConfigError(
+            f"recipe {path} must be a mapping of sections (like train: {{epochs: 10}}), got {type(data).__name__} "
+            f"{show_value(data)[:60]}"
+        )
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where (1-based line and column)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -275,24 +595,14 @@ def _parse_value(text: str, tp: Any) -> Any:
 
 
 def _convert(value: Any, text: str, tp: Any) -> Any:
+    """``value`` (``text`` read as YAML) as the type ``tp``, with the settings' rules (:func:`coerce_setting`)."""
     base = _unwrap_optional(tp)
-    if base is Any or (value is None and base is not tp):  # null for an optional field
-        return value
-    if base is bool:
-        if not isinstance(value, bool):
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        return value
-    if base is str:
-        return text
-    if base in (int, float):
-        try:
-            return base(value)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    base = typing.get_origin(base) or base
-    if base in (list, dict) and not isinstance(value, base):
-        raise argparse.ArgumentTypeError(f"expected a {base.__name__} like {'[a, b]' if base is list else '{k: v}'}, got {text!r}")
-    return value
+    if base is str and not (value is None and base is not tp):
+        return text  # the token as typed: --output 2024, --resume no
+    try:
+        return _coerce(value, tp)
+    except _Mismatch as e:
+        raise argparse.ArgumentTypeError(f"must be {e.expected}, got {text!r}; {e.hint}") from None
 
 
 def _parse_items(text: str, item: Any) -> list | None:
@@ -433,9 +743,17 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type = PretrainConfig)
 
 
 def config_from_args(args: argparse.Namespace, cls: type = PretrainConfig) -> Any:
-    """The settings ``cls`` from parsed arguments: defaults < recipe < flags; validation runs in
-    each dataclass's ``__post_init__``."""
-    data: dict[str, Any] = load_recipe(args.config) if getattr(args, "config", None) else {}
+    """The settings ``cls`` from parsed arguments: defaults < recipe < flags. The recipe's keys and
+    types are checked first (naming the file), the flags' as argparse reads them; what the values
+    mean is checked in each dataclass's ``__post_init__``, and a refusal of a value the recipe gave
+    names the recipe too."""
+    data: dict[str, Any] = {}
+    recipe_path, from_recipe = None, set()
+    if getattr(args, "config", None):
+        recipe_path = resolve_recipe(args.config)
+        data = _checked_from(cls, load_recipe(args.config), recipe_path)
+        # the settings the recipe gave (only sectioned settings take recipes)
+        from_recipe = {f"{name}.{key}" for name, section in data.items() for key in section}
     given = vars(args)
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
@@ -449,7 +767,14 @@ def config_from_args(args: argparse.Namespace, cls: type = PretrainConfig) -> An
             value = given.get(f"{f.name}.{sf.name}", dataclasses.MISSING)
             if value is dataclasses.MISSING:
                 continue
+            from_recipe.discard(f"{f.name}.{sf.name}")
             recipe = section.get(sf.name)
             section[sf.name] = {**recipe, **value} if isinstance(value, dict) and isinstance(recipe, dict) else value
         data[f.name] = section
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        key = re.match(r"[a-z_]+\.[a-z_]+", str(e))  # messages start with the setting they refuse
+        if key is None or key.group() not in from_recipe:
+            raise
+        raise ConfigError(f"recipe {recipe_path}: {e}") from None

@@ -17,6 +17,7 @@ from openmae.config import (
     OptimConfig,
     TrainConfig,
     check_choices,
+    check_types,
     device_opt,
     opt,
     precision_opt,
@@ -60,8 +61,13 @@ class EncoderConfig:
     )
     drop_path_rate: float = opt(0.1, "stochastic depth rate of the last block (paper: 0.1 B, 0.2 L, 0.3 H)", alias="--drop-path")
     kwargs: dict = opt({}, "constructor overrides a file does not record, repeatable: num_heads=4 or {num_heads: 4}")
+    allow_partial: bool = opt(
+        False, "load a checkpoint that lacks encoder tensors: they keep their initial values and the load report "
+        "names them (default: refuse it, naming them)", alias="--allow-partial",
+    )
 
     def __post_init__(self) -> None:
+        check_types(self, "model")
         check_choices(self, "model")  # global_pool: avg or token here, auto too for the probes
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
@@ -94,6 +100,7 @@ class EvalSettings:
     crop_pct: float = opt(1.0, "evaluation: resize to img_size / crop_pct, then center-crop (ImageNet recipes: 0.875)")
 
     def __post_init__(self) -> None:
+        check_types(self, "eval")
         if self.every < 0:
             raise ConfigError(f"eval.every must be >= 0, got {self.every}")
         if self.batch_size < 1:
@@ -156,6 +163,7 @@ class FinetuneSettings:
     reprob: float = opt(0.25, "random erasing probability (paper: 0.25)")
 
     def __post_init__(self) -> None:
+        check_types(self, "finetune")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {self.layer_decay}")
         self.tune_blocks = str(parse_tune_blocks(self.tune_blocks))
@@ -218,6 +226,7 @@ class LinprobeSettings:
     momentum: float = opt(0.9, "momentum of LARS / SGD")
 
     def __post_init__(self) -> None:
+        check_types(self, "linprobe")
         check_choices(self, "linprobe")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"linprobe.momentum must be in [0, 1), got {self.momentum}")
@@ -248,6 +257,7 @@ class KNNSettings:
     crop_pct: float = opt(1.0, "resize to img_size / crop_pct, then center-crop (ImageNet: 0.875)")
 
     def __post_init__(self) -> None:
+        check_types(self, "knn")
         if self.k < 1:
             raise ConfigError(f"knn.k must be >= 1, got {self.k}")
         if self.temperature <= 0:
@@ -267,7 +277,12 @@ class RunSettings:
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        check_types(self, "run")
         check_choices(self, "run")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"run.seed must be a whole number in [0, 2^63), got {self.seed}")
+        if not self.output_dir.strip():
+            raise ConfigError("run.output_dir is empty; pass --output FOLDER")
 
 
 @dataclass

@@ -24,8 +24,28 @@ class Masking(NamedTuple):
 
 
 def num_kept(length: int, mask_ratio: float) -> int:
+    """How many of ``length`` patches a ratio keeps visible: ``int(length * (1 - mask_ratio))``, as
+    the reference. Raises ValueError when that is 0 (the encoder would see no patch), naming the
+    grid and the largest ratio that keeps one."""
     check_mask_ratio(mask_ratio)
-    return int(length * (1 - mask_ratio))
+    keep = int(length * (1 - mask_ratio))
+    if keep < 1:
+        raise ValueError(
+            f"mask ratio {mask_ratio} keeps none of the model's {length} patches (int({length} x (1 - {mask_ratio})) = "
+            f"{keep}); use a ratio of at most {largest_mask_ratio(length)}"
+        )
+    return keep
+
+
+def largest_mask_ratio(length: int, decimals: int = 3) -> float:
+    """The largest ratio, rounded down to ``decimals``, that keeps at least one of ``length`` patches."""
+    if length < 1:
+        raise ValueError(f"a grid needs at least one patch, got {length}")
+    step = 10**-decimals
+    ratio = math.floor((1 - 1 / length) / step) * step
+    while ratio > 0 and int(length * (1 - round(ratio, decimals))) < 1:  # float rounding at the edge
+        ratio -= step
+    return round(max(ratio, 0.0), decimals)
 
 
 def check_mask_ratio(mask_ratio: float) -> None:

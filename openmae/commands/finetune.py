@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from openmae.commands import accuracy_summary
+from openmae.config import check_output_dir
 from openmae.eval_config import FinetuneConfig
 
 DESCRIPTION = (
@@ -26,6 +27,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     to ``metrics.json``: held-out top-1 / top-5 (%), loss, images, and the run's description."""
     from openmae.runs import run_protocol
 
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
     return run_protocol("finetune", cfg)
 
 

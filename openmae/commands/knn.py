@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from openmae.commands import accuracy_summary
-from openmae.config import to_dict
+from openmae.config import check_output_dir, to_dict
 from openmae.eval_config import KNNConfig
 
 DESCRIPTION = (
@@ -34,6 +34,7 @@ def run_knn(cfg: KNNConfig) -> dict[str, Any]:
     from openmae.runtime import Runtime
     from openmae.transforms import eval_transform
 
+    check_output_dir(cfg.run.output_dir, "run.output_dir")
     start = time.perf_counter()
     runtime = Runtime.create(cfg.run.device, cfg.run.precision)
     weights = read_encoder(cfg.model.checkpoint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from openmae.commands import accuracy_summary
+from openmae.config import check_output_dir
 from openmae.eval_config import LinprobeConfig
 
 DESCRIPTION = (
@@ -25,6 +26,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
     written to ``metrics.json``."""
     from openmae.runs import run_protocol
 
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
     return run_protocol("linprobe", cfg)
 
 

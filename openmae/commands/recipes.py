@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openmae.config import CONFIG_DIR, opt, resolve_recipe
+from openmae.config import CONFIG_DIR, ConfigError, opt, resolve_recipe
 
 
 @dataclass
@@ -16,7 +16,10 @@ class RecipesSettings:
 
 def run(s: RecipesSettings) -> None:
     if s.name:
-        print(resolve_recipe(s.name).read_text(), end="")
+        path = resolve_recipe(s.name)
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder; give a YAML file or a shipped recipe's name")
+        print(path.read_text(), end="")
         return
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         first = path.read_text().splitlines()[0].lstrip("# ") if path.read_text() else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from openmae.config import REQUIRED, ConfigError, check_choices, device_opt, opt
+from openmae.config import REQUIRED, ConfigError, check_choices, check_output_file, check_types, device_opt, opt
 from openmae.masking import MASK_TYPES
 from openmae.reconstruction import UNNORMALIZE_MODES
 
@@ -42,11 +42,18 @@ class ReconstructSettings:
     device: str = device_opt()
 
     def __post_init__(self) -> None:
+        check_types(self, "")
         check_choices(self, "reconstruct")
         if self.max_images < 1:
             raise ConfigError("--max-images must be at least 1")
+        if not self.mask_ratio or not all(0 <= r < 1 for r in self.mask_ratio):
+            raise ConfigError(
+                f"--mask-ratio takes ratios in [0, 1), got {self.mask_ratio}: at least one patch must stay visible"
+            )
         if (self.mean is None) != (self.std is None):
             raise ConfigError("give --mean and --std together")
+        if self.std is not None and min(self.std, default=1) <= 0:
+            raise ConfigError(f"--std must be positive (it divides the pixels), got {self.std}")
 
 
 def run(s: ReconstructSettings) -> str:
@@ -63,6 +70,9 @@ def run(s: ReconstructSettings) -> str:
     )
     from openmae.visualize import figure_size, save_figure
 
+    check_output_file(s.out, "--out")
+    if not Path(s.image_or_folder).exists():
+        raise FileNotFoundError(f"no image or folder {s.image_or_folder}; give an image file or a folder of images")
     overrides = {} if s.norm_pix_loss is None else {"norm_pix_loss": s.norm_pix_loss}
     model = load_reconstruction_model(s.checkpoint, **overrides)
     report = getattr(model, "load_report", None)
