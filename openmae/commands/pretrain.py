@@ -56,7 +56,7 @@ def _shapes_only(cfg: PretrainConfig) -> Any:
     try:
         with torch.device("meta"):
             return build_pretrain_model(cfg, cfg.data.num_channels())
-    except NotImplementedError:  # a constructor reads a tensor's values (drop-path rates from linspace)
+    except NotImplementedError:  # a constructor that reads a tensor's values
         with torch.random.fork_rng(devices=[]):
             return build_pretrain_model(cfg, cfg.data.num_channels())
 

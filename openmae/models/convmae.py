@@ -190,7 +190,7 @@ class ConvViTEncoder(nn.Module):
         # fixed, not learned; a frozen Parameter so the official state-dict key exists
         self.pos_embed = nn.Parameter(sincos_2d(dims[2], self.grid_size).unsqueeze(0), requires_grad=False)
 
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist() if sum(depths) else []
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist() if sum(depths) else []
         r1, r2, r3 = rates[: depths[0]], rates[depths[0] : depths[0] + depths[1]], rates[depths[0] + depths[1] :]
         self.blocks1 = nn.ModuleList(ConvBlock(dims[0], ratios[0], r) for r in r1)
         self.blocks2 = nn.ModuleList(ConvBlock(dims[1], ratios[1], r) for r in r2)

@@ -189,7 +189,7 @@ class ViTEncoder(nn.Module):
         self.pos_embed = nn.Parameter(
             sincos_2d(embed_dim, self.grid_size, cls_token=True).unsqueeze(0), requires_grad=False
         )
-        rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps, drop_path=r, attn_impl=attn_impl)
             for r in rates
