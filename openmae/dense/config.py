@@ -39,8 +39,12 @@ class DenseEncoderConfig:
         "default: the checkpoint's, else vit_micro_patch4",
         alias="--model",
     )
-    kwargs: dict = opt({}, "encoder constructor overrides, repeatable: depth=2 or {embed_dim: 32} (ConvViT: window_size=7)")
-    drop_path_rate: float = opt(0.1, "stochastic depth rate of the last block (the papers: 0.1-0.3)", alias="--drop-path")
+    kwargs: dict = opt(
+        {}, "encoder constructor overrides, repeatable: depth=2 or {embed_dim: 32} (ConvViT: window_size=7)"
+    )
+    drop_path_rate: float = opt(
+        0.1, "stochastic depth rate of the last block (the papers: 0.1-0.3)", alias="--drop-path"
+    )
     strides: list[float] | None = opt(
         None,
         "ViT pyramid: the levels' strides in pixels, made from the last map by deconvolutions and max-pooling "
@@ -58,9 +62,13 @@ class DenseEncoderConfig:
             raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         strides = self.strides
         if strides is not None and (not strides or min(strides) <= 0 or len(set(strides)) != len(strides)):
-            raise ConfigError(f"model.strides must be distinct positive strides in pixels, like 4 8 16 32, got {self.strides}")
+            raise ConfigError(
+                f"model.strides must be distinct positive strides in pixels, like 4 8 16 32, got {self.strides}"
+            )
         if self.window_size < 0:
-            raise ConfigError(f"model.window_size must be >= 0 (0: global attention everywhere), got {self.window_size}")
+            raise ConfigError(
+                f"model.window_size must be >= 0 (0: global attention everywhere), got {self.window_size}"
+            )
         if self.global_blocks is not None and any(b < 0 for b in self.global_blocks):
             raise ConfigError(f"model.global_blocks are block indices >= 0, got {self.global_blocks}")
         if self.name is not None:
@@ -69,7 +77,9 @@ class DenseEncoderConfig:
 
             if classifier_name(self.name) is None:
                 names = ", ".join(n for n in list_models() if n.startswith(("vit_", "convvit_", "swin_")))
-                raise ConfigError(f"model.name {self.name!r} has no encoder for dense prediction; choose one of {names}")
+                raise ConfigError(
+                    f"model.name {self.name!r} has no encoder for dense prediction; choose one of {names}"
+                )
 
 
 @dataclass
@@ -87,12 +97,18 @@ class DenseData:
         alias="--data",
     )
     img_size: int | None = opt(
-        None, f"images are resized and padded (evaluation) or jittered and cropped (training) to this square size; "
-        f"default {DEFAULT_IMG_SIZE} (the fashion-scenes canvas), with --eval-only the saved model's", alias="--img-size",
+        None,
+        f"images are resized and padded (evaluation) or jittered and cropped (training) to this square size; "
+        f"default {DEFAULT_IMG_SIZE} (the fashion-scenes canvas), with --eval-only the saved model's",
+        alias="--img-size",
     )
-    channels: int | None = opt(None, "image channels, 1 or 3; default the encoder's (a 1-channel encoder reads RGB as gray)")
-    limit: int | None = opt(2000, "train on the first N scenes / images (null: all; fashion-scenes has 10000)")
-    val_limit: int | None = opt(500, "evaluate on the first N held-out scenes / images (null: all; fashion-scenes has 2000)")
+    channels: int | None = opt(
+        None, "image channels, 1 or 3; default the encoder's (a 1-channel encoder reads RGB as gray)"
+    )
+    limit: int | None = opt(1000, "train on the first N scenes / images (null: all; fashion-scenes has 10000)")
+    val_limit: int | None = opt(
+        500, "evaluate on the first N held-out scenes / images (null: all; fashion-scenes has 2000)"
+    )
     augment: str = opt(
         "jitter", "jitter: scale jitter (scale_range), random crop and horizontal flip, masks and boxes moved with "
         "the pixels; none: resize and pad as in evaluation", choices=("jitter", "none"),
@@ -102,7 +118,9 @@ class DenseData:
     mean: list[float] | None = opt(None, "per-channel normalisation mean (default: the dataset's; fashion-scenes: "
                                    "Fashion-MNIST's, as pretraining)")
     std: list[float] | None = opt(None, "per-channel normalisation std (default: the dataset's)")
-    reduce_zero_label: bool = opt(True, "ade20k: label 0 (other) is ignored and 1..150 become 0..149, as mmsegmentation")
+    reduce_zero_label: bool = opt(
+        True, "ade20k: label 0 (other) is ignored and 1..150 become 0..149, as mmsegmentation"
+    )
     num_workers: int = opt(2, "data-loading processes per rank")
     max_bad_fraction: float = opt(0.05, "stop when more than this fraction of images fail to load")
 
@@ -110,7 +128,9 @@ class DenseData:
         check_types(self, "data")
         check_choices(self, "data")
         if self.name in ("coco", "ade20k") and self.path is None:
-            raise ConfigError(f"data.name={self.name} needs its files: pass --data ROOT (the folder holding its splits)")
+            raise ConfigError(
+                f"data.name={self.name} needs its files: pass --data ROOT (the folder holding its splits)"
+            )
         if self.path is not None and not Path(self.path).is_dir():
             what = "is a file, not a folder" if Path(self.path).exists() else "does not exist"
             raise ConfigError(f"data.path {self.path} {what}; pass --data the dataset's root folder")
@@ -208,7 +228,9 @@ class SegmentSettings:
     head: str = opt("upernet", "upernet: PPM + FPN fusion (the papers'); fpn: the lighter Semantic FPN head",
                     choices=tuple(HEADS), alias="--head")
     channels: int = opt(64, "the head's width (the papers: 512; 64 trains in minutes on a CPU)")
-    norm: str = opt("gn", "the head's normalisation: gn (GroupNorm, any batch size) or bn (large batches)", choices=NORMS)
+    norm: str = opt(
+        "gn", "the head's normalisation: gn (GroupNorm, any batch size) or bn (large batches)", choices=NORMS
+    )
     dropout: float = opt(0.1, "Dropout2d before the classifier")
 
     def __post_init__(self) -> None:
@@ -242,6 +264,9 @@ class DetectData(DenseData):
         "fashion-scenes", "dataset: fashion-scenes (built in) or coco (a COCO instances JSON and images, --data ROOT)",
         choices=_datasets("detect"), alias="--dataset",
     )
+    val_limit: int | None = opt(
+        200, "evaluate on the first N held-out scenes / images (null: all; fashion-scenes has 2000)"
+    )
 
 
 @dataclass
@@ -263,7 +288,10 @@ class DetectSettings:
     representation_size: int = opt(256, "width of the box head's two fully connected layers (torchvision: 1024)")
     anchor_scale: float = opt(4.0, "anchor side / level stride, one size per FPN level (torchvision's COCO: 8)")
     rois_per_image: int = opt(128, "RoIs sampled per image to train the box head (torchvision: 512)")
-    detections_per_image: int = opt(100, "detections kept per image, the highest scoring (COCO's mAP reads up to 100)")
+    detections_per_image: int = opt(
+        20,
+        "detections kept per image, the highest scoring (COCO's mAP reads up to 100; a scene holds at most 4 objects)",
+    )
     score_threshold: float = opt(0.5, "the lowest score drawn in predictions.png (metrics use every detection)")
 
     def __post_init__(self) -> None:

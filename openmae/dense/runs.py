@@ -81,13 +81,16 @@ def pyramid_args(model_cfg: DenseEncoderConfig, encoder: nn.Module) -> dict[str,
     else:
         scales = [patch / s for s in model_cfg.strides]
         if not all(_power_of_two(s) for s in scales):
+            example = " ".join(f"{patch * 2**k:g}" for k in (-2, -1, 0, 1))
             raise ConfigError(
-                f"model.strides {model_cfg.strides}: the ViT pyramid resamples the patch grid (stride {patch}) by powers "
-                f"of 2, so patch / stride must be one; e.g. {' '.join(f'{patch * 2**k:g}' for k in (-2, -1, 0, 1))}"
+                f"model.strides {model_cfg.strides}: the ViT pyramid resamples the patch grid (stride {patch}) by "
+                f"powers of 2, so patch / stride must be one; e.g. {example}"
             )
     depth = len(encoder.blocks)
     if model_cfg.global_blocks is not None and any(b >= depth for b in model_cfg.global_blocks):
-        raise ConfigError(f"model.global_blocks {model_cfg.global_blocks} must index the encoder's {depth} blocks (0..{depth - 1})")
+        raise ConfigError(
+            f"model.global_blocks {model_cfg.global_blocks} must index the encoder's {depth} blocks (0..{depth - 1})"
+        )
     return {"scale_factors": scales, "window_size": model_cfg.window_size, "global_blocks": model_cfg.global_blocks}
 
 
@@ -113,16 +116,18 @@ def dense_splits(
 
 
 def model_args(task: str, cfg: SegmentConfig | DetectConfig, encoder: nn.Module, num_classes: int) -> dict[str, Any]:
-    """:class:`Segmentor`'s or :func:`build_detector`'s arguments besides the encoder (JSON: they go into the record)."""
+    """:class:`Segmentor`'s or :func:`build_detector`'s arguments besides the encoder (JSON: the record holds them)."""
     pyramid = pyramid_args(cfg.model, encoder)
     if task == "segment":
         s = cfg.segment
-        return dict(num_classes=num_classes, head=s.head, channels=s.channels, norm=s.norm, dropout=s.dropout, **pyramid)
+        return dict(
+            num_classes=num_classes, head=s.head, channels=s.channels, norm=s.norm, dropout=s.dropout, **pyramid
+        )
     d = cfg.detect
     return dict(
-        kind=d.detector, num_classes=num_classes, fpn_channels=d.fpn_channels, representation_size=d.representation_size,
-        anchor_scale=d.anchor_scale, box_batch_size_per_image=d.rois_per_image,
-        box_detections_per_img=d.detections_per_image, **pyramid,
+        kind=d.detector, num_classes=num_classes, fpn_channels=d.fpn_channels,
+        representation_size=d.representation_size, anchor_scale=d.anchor_scale,
+        box_batch_size_per_image=d.rois_per_image, box_detections_per_img=d.detections_per_image, **pyramid,
     )
 
 
@@ -144,9 +149,9 @@ def eval_loader(dataset: DenseDataset, batch_size: int, dist: DistInfo, num_work
     )
 
 
-def _float(entries: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """Detector outputs on the CPU in fp32 (autocast may leave boxes in bf16)."""
-    return [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in e.items()} for e in entries]
+def _float(entries: list[dict[str, torch.Tensor]], device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Detector outputs or targets in fp32 (autocast may leave boxes in bf16), on ``device``."""
+    return [{k: (v.float() if v.is_floating_point() else v).to(device) for k, v in e.items()} for e in entries]
 
 
 @torch.no_grad()
@@ -170,9 +175,10 @@ def evaluate_dense(
         masks: score Mask R-CNN's instance masks too.
     """
     if dataset.task == "segment":
-        metric = SegmentationMetrics(dataset.num_classes, dataset.classes, dataset.ignore_index).to(runtime.device)
+        metric = SegmentationMetrics(dataset.num_classes, dataset.classes, dataset.ignore_index)
     else:
         metric = DetectionMetrics(masks=masks, class_names=dataset.classes)
+    metric = metric.to(runtime.device)  # its states are gathered over ranks where the process group reduces
     was_training = model.training
     model.eval()
     batches: Any = eval_loader(dataset, batch_size, runtime.dist, num_workers)
@@ -191,7 +197,8 @@ def evaluate_dense(
                 if dataset.task == "segment":
                     metric.update(model(batch.images).argmax(1), batch.labels)  # (N, H, W) class ids
                 else:
-                    metric.update(_float(model(list(batch.images))), _float(batch.targets))
+                    predictions = model(list(batch.images))
+                    metric.update(_float(predictions, runtime.device), _float(batch.targets, runtime.device))
     finally:
         model.train(was_training)
     result = metric.compute()
@@ -372,7 +379,8 @@ def evaluate_saved(task: str, cfg: SegmentConfig | DetectConfig, runtime: Runtim
     model, record = load_dense_model(cfg.model.checkpoint)
     if record["task"] != task:
         raise ConfigError(
-            f"{cfg.model.checkpoint} holds a {record['task']} model; evaluate it with openmae {record['task']} --eval-only"
+            f"{cfg.model.checkpoint} holds a {record['task']} model; evaluate it with "
+            f"openmae {record['task']} --eval-only"
         )
     for name in ("img_size", "channels"):
         given = getattr(cfg.data, name)
@@ -385,9 +393,9 @@ def evaluate_saved(task: str, cfg: SegmentConfig | DetectConfig, runtime: Runtim
                           mean=record["mean"], std=record["std"])
     if val.classes != record["classes"]:
         raise ConfigError(
-            f"{cfg.model.checkpoint} was trained on {len(record['classes'])} classes ({', '.join(record['classes'][:4])}"
-            f"...), the {cfg.data.name} data has {len(val.classes)} ({', '.join(val.classes[:4])}...); evaluate it "
-            "on the dataset it was trained on"
+            f"{cfg.model.checkpoint} was trained on {len(record['classes'])} classes "
+            f"({', '.join(record['classes'][:4])}...), the {cfg.data.name} data has {len(val.classes)} "
+            f"({', '.join(val.classes[:4])}...); evaluate it on the dataset it was trained on"
         )
     model = model.to(runtime.device)
     masks = record["task"] == "detect" and record["model"]["kind"] == "mask_rcnn"

@@ -125,7 +125,9 @@ def read_dense_record(path: str | os.PathLike) -> dict[str, Any] | None:
         record = None
     keys = ("task", "encoder", "model", "classes", "img_size", "channels", "mean", "std")
     if not isinstance(record, dict) or any(k not in record for k in keys):
-        raise ValueError(f"{path}: its {DENSE_KEY} metadata is damaged (not a dense model record); save the model again")
+        raise ValueError(
+            f"{path}: its {DENSE_KEY} metadata is damaged (not a dense model record); save the model again"
+        )
     return record
 
 
