@@ -313,7 +313,7 @@ def official_objects(draw, state: dict) -> object:
         )
         | PY_VALUES
     )
-    layout = draw(st.sampled_from(["model", "bare", "state_dict", "with_args", "not_a_dict"]))
+    layout = draw(st.sampled_from(["model", "bare", "state_dict", "with_args", "openmae_record", "not_a_dict"]))
     if layout == "model":
         return {"model": state}
     if layout == "bare":
@@ -322,6 +322,11 @@ def official_objects(draw, state: dict) -> object:
         return {"state_dict": state, "epoch": draw(PY_VALUES)}
     if layout == "with_args":
         return {"model": state, "args": args, "optimizer": {}, "epoch": 3}
+    if layout == "openmae_record":  # what openmae's official export adds: the exact model, here mutated
+        config = {**TINY, "norm_pix_loss": False, "mlp_ratio": 4.0}
+        config.update(draw(st.dictionaries(st.sampled_from([*config, "bogus"]), PY_VALUES, max_size=2)))
+        arch = draw(st.sampled_from(["mae_vit_tiny_patch4", "vit_tiny_patch4", "swin_tiny_patch4_window7", "nope", 5]))
+        return {"model": state, "openmae": {"arch": arch, "config": config}}
     return draw(PY_VALUES)
 
 

@@ -30,6 +30,7 @@ from openmae.interop.weights import (
     Weights,
     abbrev,
     plural,
+    shown,
 )
 from openmae.io import unwrap
 from openmae.models import list_models, model_factory
@@ -122,6 +123,7 @@ LIMITS = {
     "num_classes": 1_000_000,
 }
 MAX_STAGES = 8  # entries of a per-stage list (Swin's depths, ConvMAE's widths)
+SWITCHES = ("norm_pix_loss", "mask_token_in_encoder", "qkv_bias", "head_norm", "fc_norm")  # fc_norm: None = auto
 CAN_BE_ZERO = ("depth", "decoder_depth", "depths", "num_classes", "window_size")  # window 0: global attention
 # Sizes that shapes show: a declared value must agree with the tensor that carries it.
 SHAPE_KEYS = ("embed_dim", "in_chans", "patch_size", "mlp_ratio", "decoder_embed_dim")
@@ -145,8 +147,21 @@ def _fix(key: str, overrides: dict[str, Any]) -> str:
 
 
 def check_config(cfg: dict[str, Any], weights: Weights, overrides: dict[str, Any]) -> None:
-    """Refuse a size that is not a whole number in range (:data:`LIMITS`), or a ratio that is not a
-    positive number, naming where it was declared (the file's entry, or an override)."""
+    """Refuse a size that is not a whole number in range (:data:`LIMITS`), a ratio that is not a
+    positive number, a switch that is not true or false, or any value that is not plain data (a
+    pickled record may hold anything), naming where it was declared (the file's entry, or an override)."""
+    plain = (type(None), bool, int, float, str)
+    for key, value in cfg.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, plain) for v in items):
+            raise ValueError(
+                f"{_where(key, weights, overrides)} is {shown(value)}, not plain data; {_fix(key, overrides)}"
+            )
+    for key in SWITCHES:
+        if key in cfg and not isinstance(cfg[key], bool) and not (key == "fc_norm" and cfg[key] is None):
+            raise ValueError(
+                f"{_where(key, weights, overrides)} is {shown(cfg[key])}, not true or false; {_fix(key, overrides)}"
+            )
     for key, limit in LIMITS.items():
         if key not in cfg:
             continue
@@ -156,18 +171,18 @@ def check_config(cfg: dict[str, Any], weights: Weights, overrides: dict[str, Any
         expected = "a pair (H, W)" if key == "img_size" else f"one to {MAX_STAGES} entries"
         if isinstance(value, (list, tuple)) and not entries[0] <= len(values) <= entries[1]:
             raise ValueError(
-                f"{_where(key, weights, overrides)} is {value!r}: {expected} was expected; {_fix(key, overrides)}"
+                f"{_where(key, weights, overrides)} is {shown(value)}: {expected} was expected; {_fix(key, overrides)}"
             )
         low = 0 if key in CAN_BE_ZERO else 1
         for v in values:
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(
-                    f"{_where(key, weights, overrides)} is {value!r}, not a whole number >= {low}; "
+                    f"{_where(key, weights, overrides)} is {shown(value)}, not a whole number >= {low}; "
                     f"{_fix(key, overrides)}"
                 )
             if v > limit:
                 raise ValueError(
-                    f"{_where(key, weights, overrides)} is {value!r}, beyond any model openmae builds (at most "
+                    f"{_where(key, weights, overrides)} is {shown(value)}, beyond any model openmae builds (at most "
                     f"{limit:,}); {_fix(key, overrides)}"
                 )
     for key, high in (("mlp_ratio", 64.0), ("norm_eps", 1.0)):  # ConvMAE gives a ratio per stage
@@ -177,7 +192,7 @@ def check_config(cfg: dict[str, Any], weights: Weights, overrides: dict[str, Any
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= high
             if key in cfg and not (ok and (v > 0 or key == "norm_eps")):
                 raise ValueError(
-                    f"{_where(key, weights, overrides)} is {value!r}, not a number in (0, {high}]; "
+                    f"{_where(key, weights, overrides)} is {shown(value)}, not a number in (0, {high}]; "
                     f"{_fix(key, overrides)}"
                 )
 
@@ -196,8 +211,8 @@ def _agree(keys: tuple[str, ...], shaped: dict[str, Any], weights: Weights, over
             same = declared == actual or (isinstance(declared, (list, tuple)) and list(declared) == list(actual))
         if not same:
             raise ValueError(
-                f"{_where(key, weights, overrides)} is {declared!r}, but its tensors give {actual!r}: the file "
-                "contradicts itself; re-export it, or pass the value its tensors give"
+                f"{_where(key, weights, overrides)} is {shown(declared)}, but its tensors give {shown(actual)}: the "
+                "file contradicts itself; re-export it, or pass the value its tensors give"
             )
     depth, declared = shaped.get("depth"), weights.config.get("depth")
     if isinstance(depth, int) and isinstance(declared, int) and "depth" not in overrides and declared < depth:
@@ -319,7 +334,8 @@ def infer_architecture(
             notes.append(
                 f"num_heads is not recorded in the file; assumed {cfg['num_heads']} (override with num_heads=...)"
             )
-    if weights.has_decoder and "decoder_num_heads" not in cfg and "decoder_num_heads" not in overrides:
+    has_width = "decoder_embed_dim" in cfg  # else the decoder's embedding is missing, and loading says so
+    if weights.has_decoder and has_width and "decoder_num_heads" not in cfg and "decoder_num_heads" not in overrides:
         dim = cfg["decoder_embed_dim"]
         cfg["decoder_num_heads"] = DECODER_HEADS.get(dim) or _guess_heads(dim, 32)
         if dim not in DECODER_HEADS:

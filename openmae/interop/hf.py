@@ -35,6 +35,7 @@ from openmae.interop.weights import (
     find_weights_file,
     read_json_object,
     read_state_file,
+    shown,
     tensor_dict,
 )
 from openmae.io import atomic_write, atomic_write_text, unwrap
@@ -222,9 +223,11 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> tuple
         return f"{source} {key}"
 
     if c.get("model_type", "vit_mae") != "vit_mae":
-        raise ValueError(f"{source} has model_type {c['model_type']!r}; only vit_mae is supported")
+        raise ValueError(f"{source} has model_type {shown(c['model_type'])}; only vit_mae is supported")
     if c["hidden_act"] != "gelu":
-        raise ValueError(f"{where('hidden_act')} is {c['hidden_act']!r}: openmae's ViT uses the exact GELU ('gelu')")
+        raise ValueError(
+            f"{where('hidden_act')} is {shown(c['hidden_act'])}: openmae's ViT uses the exact GELU ('gelu')"
+        )
     layers = ("num_hidden_layers", "decoder_num_hidden_layers")
     n = {
         k: declared_int(c[k], where(k), minimum=0 if k in layers else 1)
@@ -249,7 +252,7 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> tuple
         )
     flag = c["norm_pix_loss"]
     if not isinstance(flag, bool):
-        raise ValueError(f"{where('norm_pix_loss')} is {flag!r}, not true or false")
+        raise ValueError(f"{where('norm_pix_loss')} is {shown(flag)}, not true or false")
     cfg = dict(
         img_size=declared_size(c["image_size"], where("image_size")),
         patch_size=_square(c["patch_size"], where("patch_size")),

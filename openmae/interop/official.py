@@ -32,6 +32,7 @@ from openmae.interop.weights import (
     pickled_dict,
     read_safetensors_file,
     safe_torch_load,
+    shown,
     split_classifier,
     strip_prefix,
     tensor_dict,
@@ -62,7 +63,7 @@ def args_config(args: Any, source: str = "the checkpoint") -> tuple[str | None, 
     if a.get("norm_pix_loss") is not None:
         flag = a["norm_pix_loss"]
         if not isinstance(flag, (bool, int)) or flag not in (0, 1):
-            raise ValueError(f"{source}: args.norm_pix_loss is {flag!r}, not true or false")
+            raise ValueError(f"{source}: args.norm_pix_loss is {shown(flag)}, not true or false")
         cfg["norm_pix_loss"] = bool(flag)
     ratio = a.get("mask_ratio")
     if ratio is not None:
@@ -98,7 +99,7 @@ def read(path: str | Path, obj: Any = None) -> Weights:
         origin = {k: f"its openmae record's config.{k}" for k in cfg}
     elif obj.get("args") is not None and arch is None:
         notes.append(
-            f"args.model {getattr(obj['args'], 'model', None)!r} is not a registered name; inferred from shapes"
+            f"args.model {shown(getattr(obj['args'], 'model', None))} is not a registered name; inferred from shapes"
         )
     return Weights(
         str(path),

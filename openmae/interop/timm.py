@@ -34,6 +34,7 @@ from openmae.interop.weights import (
     read_json_object,
     read_state_file,
     safe_torch_load,
+    shown,
     split_classifier,
     strip_prefix,
     tensor_dict,
@@ -91,7 +92,7 @@ def _config_from_timm(args: Any, pretrained_cfg: Any, source: str) -> tuple[dict
     size = pretrained_cfg.get("input_size")
     if size is not None:
         if not isinstance(size, (list, tuple)) or len(size) != 3:
-            raise ValueError(f"{source}: pretrained_cfg.input_size is {size!r}, not [channels, height, width]")
+            raise ValueError(f"{source}: pretrained_cfg.input_size is {shown(size)}, not [channels, height, width]")
         chans, h, w = (declared_int(v, f"{source}: pretrained_cfg.input_size") for v in size)
         if "in_chans" not in cfg:
             cfg["in_chans"], origin["in_chans"] = chans, "its timm pretrained_cfg.input_size"

@@ -130,8 +130,15 @@ def plural(n: int, noun: str) -> str:
 
 
 def abbrev(names: list[str], limit: int = 6) -> str:
+    """The first ``limit`` names and how many more; a name with line breaks or control characters in quotes."""
     more = f" ... (+{len(names) - limit})" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return ", ".join(n if n.isprintable() else repr(n) for n in names[:limit]) + more
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` on one line of at most ``limit`` characters: a value read from a file, in a message."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- reading files safely --------------------------------------------------------------------
@@ -265,7 +272,9 @@ def declared_int(value: Any, what: str, minimum: int = 1) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{what} is {value!r}, not a whole number >= {minimum}; fix that entry or re-export the file")
+        raise ValueError(
+            f"{what} is {shown(value)}, not a whole number >= {minimum}; fix that entry or re-export the file"
+        )
     return value
 
 
@@ -275,7 +284,7 @@ def declared_float(value: Any, what: str, low: float, high: float, high_open: bo
     if not ok or value < low or value > high or (high_open and value == high):
         bracket = ")" if high_open else "]"
         raise ValueError(
-            f"{what} is {value!r}, not a number in [{low}, {high}{bracket}; fix that entry or re-export the file"
+            f"{what} is {shown(value)}, not a number in [{low}, {high}{bracket}; fix that entry or re-export the file"
         )
     return float(value)
 
@@ -285,7 +294,7 @@ def declared_size(value: Any, what: str) -> int | tuple[int, int]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ValueError(
-                f"{what} is {value!r}, not a size or a (height, width) pair; fix that entry or re-export the file"
+                f"{what} is {shown(value)}, not a size or a (height, width) pair; fix that entry or re-export the file"
             )
         return declared_int(value[0], what), declared_int(value[1], what)
     return declared_int(value, what)
