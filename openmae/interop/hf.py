@@ -252,7 +252,9 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> tuple
         )
     flag = c["norm_pix_loss"]
     if not isinstance(flag, bool):
-        raise ValueError(f"{where('norm_pix_loss')} is {shown(flag)}, not true or false")
+        raise ValueError(
+            f"{where('norm_pix_loss')} is {shown(flag)}, not true or false; fix that entry or re-export the file"
+        )
     cfg = dict(
         img_size=declared_size(c["image_size"], where("image_size")),
         patch_size=_square(c["patch_size"], where("patch_size")),
