@@ -64,7 +64,8 @@ def args_config(args: Any, source: str = "the checkpoint") -> tuple[str | None, 
         flag = a["norm_pix_loss"]
         if not isinstance(flag, (bool, int)) or flag not in (0, 1):
             raise ValueError(
-                f"{source}: args.norm_pix_loss is {shown(flag)}, not true or false; fix that entry or re-export the file"
+                f"{source}: args.norm_pix_loss is {shown(flag)}, not true or false; fix that entry or re-export "
+                "the file"
             )
         cfg["norm_pix_loss"] = bool(flag)
     ratio = a.get("mask_ratio")
