@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from openmae.interop import hf, native, official, swin, timm
@@ -217,7 +218,7 @@ def _numel(state: dict[str, Any]) -> int:
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint is: format, kind, architecture, decoder, norm-pix, parameter counts (fixed
     sin-cos tables excluded) and notes; and how it fits the architecture it implies, which is built
-    to compare (``missing_encoder``, ``missing_decoder``: tensors the file lacks; ``mismatched``:
+    on the meta device to compare (``missing_encoder``, ``missing_decoder``: tensors the file lacks; ``mismatched``:
     tensors of another shape or type; ``unexpected``: tensors with no place in it)."""
     weights = read_weights(path)
     arch, cfg, notes = infer_architecture(weights)
@@ -227,7 +228,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     norm_pix = weights.config.get("norm_pix_loss")
     check_allocation(arch, cfg, weights)
     try:
-        own = build_model(arch, **cfg).state_dict()
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            own = build_model(arch, **cfg).state_dict()
     except (TypeError, ValueError, AssertionError) as e:
         raise ValueError(f"{path}: cannot build the {arch} it describes ({e}); re-export it") from None
     plan = plan_load(own, weights, exact=weights.format == "openmae")
