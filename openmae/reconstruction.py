@@ -104,8 +104,10 @@ def require_decoder(model: nn.Module, source: str | None = None) -> None:
 # -- checkpoints ------------------------------------------------------------------------------
 
 
-def load_reconstruction_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+def load_reconstruction_model(path: str | os.PathLike, allow_partial: bool = False, **overrides: Any) -> nn.Module:
     """``openmae.load_pretrained(path)``, refusing checkpoints without the decoder with a clear message.
+    ``allow_partial`` accepts a file that lacks encoder tensors (they keep their initial values); the
+    decoder must be whole either way.
 
     Raises:
         DecoderMissingError: the file has no (or part of the) decoder weights, or the model has no decoder.
@@ -121,7 +123,9 @@ def load_reconstruction_model(path: str | os.PathLike, **overrides: Any) -> nn.M
     if absent:
         detail = f"{path}: decoder weights not in the file: {abbrev(absent)}"
         raise DecoderMissingError(decoder_missing_message(detail))
-    model.load_report = load_into(model, weights, arch, strict=weights.format == "openmae")
+    model.load_report = load_into(
+        model, weights, arch, strict=weights.format == "openmae", allow_partial=allow_partial
+    )
     require_decoder(model, source=str(path))
     return model
 

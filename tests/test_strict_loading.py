@@ -331,6 +331,9 @@ def test_allow_partial_accepts_the_file_with_a_report_line(files, tmp_path, caps
     assert main([str(a) for a in argv]) == 0
     err = capsys.readouterr().err
     assert "loaded partially" in err and "blocks.1.norm1.weight" in err
+    argv = ["reconstruct", files["images"], "--checkpoint", bad, "--out", tmp_path / "r.png", "--allow-partial"]
+    assert main([str(a) for a in argv]) == 0
+    assert "loaded partially" in capsys.readouterr().err and (tmp_path / "r.png").exists()
 
 
 def test_a_partial_decoder_is_refused_where_the_decoder_is_kept(files, tmp_path, cli_fails, capsys):

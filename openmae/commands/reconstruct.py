@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,10 @@ class ReconstructSettings:
         "record it (official MAE and Hugging Face checkpoints)"
     )
     device: str = device_opt()
+    allow_partial: bool = opt(
+        False, "use a checkpoint that lacks encoder tensors: they keep their initial values and a line names them "
+        "(the decoder must be whole either way)"
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "")
@@ -74,7 +79,9 @@ def run(s: ReconstructSettings) -> str:
     if not Path(s.image_or_folder).exists():
         raise FileNotFoundError(f"no image or folder {s.image_or_folder}; give an image file or a folder of images")
     overrides = {} if s.norm_pix_loss is None else {"norm_pix_loss": s.norm_pix_loss}
-    model = load_reconstruction_model(s.checkpoint, **overrides)
+    model = load_reconstruction_model(s.checkpoint, allow_partial=s.allow_partial, **overrides)
+    if (partial := getattr(getattr(model, "load_report", None), "partial_line", lambda: None)()) is not None:
+        print(f"note: {s.checkpoint}: {partial}", file=sys.stderr)
     report = getattr(model, "load_report", None)
     if s.norm_pix_loss is None and report is not None and getattr(report, "norm_pix_loss", True) is None:
         print(
