@@ -3,11 +3,16 @@
 Layout (shared with the official MAE code and Hugging Face ViTMAE, which pretrained weights rely on):
 patch (h, w) holds pixels ``[h*p:(h+1)*p, w*p:(w+1)*p]`` flattened in (row, col, channel) order, and
 tokens are row-major (index = h * W + w).
+
+Position tables on another grid (fine-tuning or dense prediction at another resolution than
+pretraining): :func:`resample_pos_embed` recomputes a fixed sin-cos table exactly and resamples a
+learned one bicubically.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -86,3 +91,49 @@ def sincos_2d(dim: int, grid_size: tuple[int, int], cls_token: bool = False) -> 
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
+
+
+def is_sincos(grid_rows: Tensor, grid: tuple[int, int]) -> bool:
+    """Whether (1, gh * gw, D) rows (no prefix rows) are the fixed 2D sin-cos table of ``grid``.
+
+    The tolerance follows the dtype, so a table stored in half precision is still recognised.
+    """
+    dim = grid_rows.shape[-1]
+    if not grid_rows.is_floating_point() or dim % 4 or dim == 0 or grid_rows.shape[-2] != grid[0] * grid[1]:
+        return False
+    atol = max(1e-5, 2 * torch.finfo(grid_rows.dtype).eps)
+    ref = sincos_2d(dim, tuple(grid)).to(grid_rows.device)
+    return torch.allclose(grid_rows.detach().reshape(ref.shape).float(), ref, atol=atol)
+
+
+def resample_pos_embed(table: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], prefix: int) -> Tensor:
+    """A position table for another grid.
+
+    A fixed 2D sin-cos table (MAE, ConvMAE) is recomputed for the new grid, which is exact; any other
+    (learned) table is resampled bicubically, as timm and the MAE fine-tuning code do. The ``prefix``
+    leading rows (the cls token's) are kept as they are.
+
+    Args:
+        table: (1, prefix + gh * gw, D), rows row-major on ``src_grid``.
+        src_grid, dst_grid: (gh, gw) token grids.
+        prefix: rows before the grid (1 with a cls token, else 0).
+    Returns:
+        (1, prefix + gh' * gw', D), same dtype and device.
+    """
+    if tuple(src_grid) == tuple(dst_grid):
+        return table
+    head, grid = table[:, :prefix], table[:, prefix:]
+    dim = table.shape[-1]
+    if grid.shape[1] != src_grid[0] * src_grid[1]:
+        raise ValueError(
+            f"the position table holds {grid.shape[1]} grid rows, not the {src_grid[0]}x{src_grid[1]} grid it was "
+            "said to cover; pass the image size it was trained at"
+        )
+    if is_sincos(grid, src_grid):
+        new = sincos_2d(dim, tuple(dst_grid)).unsqueeze(0).to(table)
+    else:
+        x = grid.reshape(1, *src_grid, dim).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+        # in float32: bicubic interpolation is not implemented for half precision on every device
+        x = F.interpolate(x.float(), size=tuple(dst_grid), mode="bicubic", align_corners=False)
+        new = x.permute(0, 2, 3, 1).reshape(1, -1, dim).to(table.dtype)  # (1, gh' * gw', D)
+    return torch.cat([head, new], dim=1)

@@ -11,7 +11,7 @@ stride are those of the input padded at the bottom/right, cropped to that size.
   map alone. With patch p the map has stride p; scale factors (4, 2, 1, 1/2) give strides p/4, p/2,
   p, 2p: 4, 8, 16, 32 (p2-p5) for patch 16 and 1, 2, 4, 8 (p0-p3) for the patch-4 CPU models. Any
   input size: the grid comes from the input, and the position table follows it (see
-  :func:`resample_pos_embed`). Optional ViTDet window attention.
+  :func:`openmae.patches.resample_pos_embed`). Optional ViTDet window attention.
 - :class:`ConvViTPyramid`: ConvMAE's own stages E1-E3 (strides 4, 8, 16) and E4, a max-pool of E3.
 - :class:`SwinPyramid`: the Swin stages (strides 4, 8, 16, 32 for the four-stage models; the two-stage
   micro Swin gives two levels, p2 and p3).
@@ -43,7 +43,7 @@ from torch import Tensor
 from openmae.models.convvit import ConvViT, default_global_blocks, window_attention_mask, window_merge, window_partition
 from openmae.models.swin import SwinEncoder
 from openmae.models.vit import ViTEncoder
-from openmae.patches import sincos_2d
+from openmae.patches import is_sincos, resample_pos_embed, sincos_2d
 
 VIT_SCALE_FACTORS = (4.0, 2.0, 1.0, 0.5)  # ViTDet's, relative to the patch grid
 
@@ -92,47 +92,6 @@ def check_headless(encoder: nn.Module) -> None:
             f"the encoder holds parameters no pyramid uses ({', '.join(unused)}); pass the encoder alone: "
             "build_dense_encoder(name_or_checkpoint) builds it without head or decoder"
         )
-
-
-def resample_pos_embed(table: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], prefix: int) -> Tensor:
-    """A position table for another grid.
-
-    A fixed 2-D sin-cos table (MAE, ConvMAE) is recomputed for the new grid, which is exact; any other
-    (learned) table is resampled bicubically, as timm and the MAE fine-tuning code do. The ``prefix``
-    leading rows (the cls token's) are kept as they are.
-
-    Args:
-        table: (1, prefix + gh * gw, D), rows row-major on ``src_grid``.
-        src_grid, dst_grid: (gh, gw) token grids.
-        prefix: rows before the grid (1 with a cls token, else 0).
-    Returns:
-        (1, prefix + gh' * gw', D), same dtype and device.
-    """
-    if tuple(src_grid) == tuple(dst_grid):
-        return table
-    head, grid = table[:, :prefix], table[:, prefix:]
-    dim = table.shape[-1]
-    if grid.shape[1] != src_grid[0] * src_grid[1]:
-        raise ValueError(
-            f"the position table holds {grid.shape[1]} grid rows, not the {src_grid[0]}x{src_grid[1]} grid it was "
-            "said to cover; pass the image size it was trained at"
-        )
-    if is_sincos(grid, src_grid):
-        new = sincos_2d(dim, tuple(dst_grid)).unsqueeze(0).to(table)
-    else:
-        x = grid.reshape(1, *src_grid, dim).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-        x = F.interpolate(x.float(), size=tuple(dst_grid), mode="bicubic", align_corners=False)
-        new = x.permute(0, 2, 3, 1).reshape(1, -1, dim).to(table.dtype)  # (1, gh' * gw', D)
-    return torch.cat([head, new], dim=1)
-
-
-def is_sincos(grid_rows: Tensor, grid: tuple[int, int]) -> bool:
-    """Whether (1, gh * gw, D) rows are the fixed 2-D sin-cos table of ``grid``."""
-    dim = grid_rows.shape[-1]
-    if dim % 4 or grid_rows.shape[1] != grid[0] * grid[1]:
-        return False
-    ref = sincos_2d(dim, tuple(grid)).to(grid_rows.device)
-    return torch.allclose(grid_rows.detach()[0].float(), ref, atol=1e-5)
 
 
 class Pyramid(nn.Module):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from openmae.interop import hf, native, official, swin, timm
-from openmae.interop.architecture import check_allocation, infer_architecture, load_into, plan_load
+from openmae.interop.architecture import check_allocation, infer_architecture, load_into, plan_load, token_grid
 from openmae.interop.detect import detect_file, detect_format, is_openmae
 from openmae.interop.weights import (
     DECODER_PREFIXES,
@@ -36,7 +36,9 @@ from openmae.interop.weights import (
     safe_torch_load,
     split_classifier,
 )
+from openmae.io import unwrap
 from openmae.models import create_model as build_model
+from openmae.registry import arch_of
 
 __all__ = [
     "FORMATS",
@@ -126,7 +128,8 @@ def load_pretrained(path: str | os.PathLike, allow_partial: bool = False, **over
     """:func:`load` without the tuple: the model, with its report in ``model.load_report``.
 
     ``overrides`` change constructor arguments; for openmae's own files only those that do not
-    touch the weights' shapes (``norm_pix_loss``, ``mask_type``, ``attn_impl``, ...).
+    touch the weights' shapes (``norm_pix_loss``, ``mask_type``, ``attn_impl``, ...), and
+    ``img_size``: the position tables follow the new grid.
     """
     return load(path, allow_partial=allow_partial, **overrides)[0]
 
@@ -134,11 +137,16 @@ def load_pretrained(path: str | os.PathLike, allow_partial: bool = False, **over
 def load_weights_into(model: nn.Module, path: str | os.PathLike, allow_partial: bool = False) -> LoadReport:
     """Load any supported checkpoint into an already-built model.
 
-    Shape mismatches are refused with the parameter's name, and so are missing encoder tensors unless
-    ``allow_partial`` (see :func:`load`); the report lands in ``model.load_report``.
+    A position table trained on another grid is fitted to the model's (fine-tuning at another
+    resolution: sin-cos tables regenerated, learned ones resampled bicubically; the report says so).
+    Other shape mismatches are refused with the parameter's name, and so are missing encoder tensors
+    unless ``allow_partial`` (see :func:`load`); the report lands in ``model.load_report``.
     """
     weights = read_weights(path)
-    report = load_into(model, weights, strict=weights.format == "openmae", allow_partial=allow_partial)
+    # exact only into the model the file records: an MAE file loads its encoder into a vit_* (the
+    # decoder set aside with a note), as `openmae finetune --checkpoint` does
+    exact = weights.format == "openmae" and weights.arch == arch_of(unwrap(model))
+    report = load_into(model, weights, strict=exact, allow_partial=allow_partial)
     model.load_report = report
     _log(report)
     return report
@@ -151,7 +159,9 @@ def create_model(
 
     Args:
         name: a name from :func:`openmae.list_models`.
-        pretrained: optional path to weights (any format :func:`load` reads) to load into the built model.
+        pretrained: optional path to weights (any format :func:`load` reads) to load into the built model:
+            a pretraining file's encoder (its decoder set aside), at any ``img_size`` (the position
+            table follows the model's grid).
         allow_partial: with ``pretrained``, accept a file that lacks encoder tensors (see :func:`load`).
         overrides: constructor arguments that replace the variant's defaults.
     """
@@ -229,10 +239,13 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     check_allocation(arch, cfg, weights)
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated
-            own = build_model(arch, **cfg).state_dict()
+            model = build_model(arch, **cfg)
     except (TypeError, ValueError, AssertionError) as e:
         raise ValueError(f"{path}: cannot build the {arch} it describes ({e}); re-export it") from None
-    plan = plan_load(own, weights, exact=weights.format == "openmae")
+    patch = getattr(model, "patch_size", None)
+    plan = plan_load(
+        model.state_dict(), weights, exact=weights.format == "openmae", grid=token_grid(model), patch_size=patch
+    )
     return {
         "path": str(path),
         "format": weights.format,

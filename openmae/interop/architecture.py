@@ -34,7 +34,7 @@ from openmae.interop.weights import (
 )
 from openmae.io import unwrap
 from openmae.models import list_models, model_factory
-from openmae.patches import sincos_2d, to_2tuple
+from openmae.patches import is_sincos, resample_pos_embed, to_2tuple
 
 # -- architecture from shapes ------------------------------------------------------------------
 
@@ -394,6 +394,10 @@ def _swin_architecture(weights: Weights, overrides: dict[str, Any]) -> tuple[str
 
 # -- loading into a built model ----------------------------------------------------------------
 
+# What only pretraining uses, set aside when loading into a model without a decoder (a classifier):
+# the decoder, ConvMAE's fusion of the early stages into it, and MAE's optional encoder mask token.
+PRETRAINING_ONLY = DECODER_PARTS + ("encoder_mask_token",)
+
 
 def _mismatches(own: dict[str, Tensor], state: dict[str, Tensor]) -> list[str]:
     """What cannot be copied into the model: other shapes, or integers where it has floats."""
@@ -431,16 +435,89 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: 
         )
 
 
-def is_sincos_table(t: Tensor) -> bool:
-    """Whether ``t`` (1, 1 + L, D) is the fixed 2D sin-cos table (zero cls row) of a square grid."""
-    if t.dim() < 2 or not t.is_floating_point():
-        return False
-    tokens = t.shape[-2] - 1
-    side = math.isqrt(max(tokens, 0))
-    if side * side != tokens or t.shape[-1] % 4 or t.shape[-1] == 0:
-        return False
-    ref = sincos_2d(t.shape[-1], (side, side), cls_token=True)
-    return t.numel() == ref.numel() and torch.allclose(t.reshape(ref.shape).float(), ref, atol=1e-5)
+# -- position tables on another grid -----------------------------------------------------------
+
+
+def token_grid(model: nn.Module) -> tuple[int, int] | None:
+    """The (gh, gw) token grid a model's position tables cover (ViT, MAE, ConvViT's stage 3); None
+    for a model without one (Swin has no absolute position table)."""
+    grid = getattr(model, "grid_size", None)
+    if grid is None:
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return tuple(int(g) for g in grid) if isinstance(grid, (tuple, list)) and len(grid) == 2 else None
+
+
+def recorded_grid(weights: Weights, patch_size: int) -> tuple[int, int] | None:
+    """The token grid of the image size a file records (``img_size`` int or (H, W)), None when it
+    records none that makes sense (a file's record is not trusted here: see :func:`check_config`)."""
+    size = weights.config.get("img_size")
+    sizes = [size, size] if isinstance(size, int) else size
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 2:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= patch_size for v in sizes):
+        return None
+    return (sizes[0] // patch_size, sizes[1] // patch_size)
+
+
+def file_grid(rows: int, weights: Weights, patch_size: int) -> tuple[int, int] | None:
+    """The grid a file's position table of ``rows`` grid rows covers: the recorded image size's when
+    it fits, else the square one; None when neither does (a non-square grid the file does not record)."""
+    recorded = recorded_grid(weights, patch_size)
+    if recorded is not None and recorded[0] * recorded[1] == rows:
+        return recorded
+    side = math.isqrt(rows)
+    return (side, side) if side * side == rows else None
+
+
+def fit_position_tables(
+    state: dict[str, Tensor], own: dict[str, Tensor], weights: Weights, grid: tuple[int, int], patch_size: int
+) -> tuple[list[str], dict[str, str]]:
+    """Fit the file's position tables (``pos_embed``, ``decoder_pos_embed``) in ``state`` to the
+    model's token ``grid``, in place: fine-tuning at another resolution than pretraining.
+
+    A table that differs from the model's only in its number of grid rows is resampled with
+    :func:`~openmae.patches.resample_pos_embed` (a fixed sin-cos table recomputed for the new grid,
+    a learned one bicubically; the cls row kept) from the grid of the image size the file records,
+    else the square grid of its rows. Any other difference (width, layout) is left for the shape check.
+
+    An all-zero table (transformers 5 leaves it unset) is left alone: it holds no positions.
+
+    Returns:
+        ({key: the note saying what was resampled}, {key: why a table could not be fitted}).
+    """
+    fitted: dict[str, str] = {}
+    unfit: dict[str, str] = {}
+    for key in FIXED:
+        table, mine = state.get(key), own.get(key)
+        if table is None or mine is None or not table.is_floating_point() or not table.any():
+            continue
+        prefix = mine.shape[-2] - grid[0] * grid[1]  # the cls row, if the model has one
+        rows = table.shape[-2] - prefix
+        same_layout = table.dim() == mine.dim() >= 2 and table.shape[:-2] == mine.shape[:-2]
+        if not (same_layout and table.shape[-1] == mine.shape[-1] and prefix in (0, 1) and rows > 0):
+            continue
+        if table.shape == mine.shape:
+            # as many rows on another grid (6x4 and 4x6) only when the file records its size: a
+            # table of a square count is not assumed square when it already fits
+            recorded = recorded_grid(weights, patch_size)
+            if recorded is None or recorded == tuple(grid) or recorded[0] * recorded[1] != rows:
+                continue
+        src = file_grid(rows, weights, patch_size)
+        if src is None:
+            unfit[key] = (
+                f"its {rows} grid rows form no square grid and the file records no image size that gives them, "
+                "so the grid it was trained on is unknown"
+            )
+            continue
+        flat = table.reshape(1, -1, table.shape[-1])  # (1, prefix + gh * gw, D)
+        how = (
+            "fixed sin-cos: recomputed for the new grid"
+            if is_sincos(flat[:, prefix:], src)
+            else "learned: bicubic" + (", the cls row kept" if prefix else "")
+        )
+        state[key] = resample_pos_embed(flat, src, grid, prefix).reshape(mine.shape)
+        fitted[key] = f"{key} resampled from {src[0]}x{src[1]} to {grid[0]}x{grid[1]} ({how})"
+    return fitted, unfit
 
 
 @dataclass
@@ -451,7 +528,8 @@ class LoadPlan:
         state: tensors to copy, under the model's names.
         extras: file tensors the model has no place for but a user may want (a classifier's head).
         notes: what the report will say.
-        ignored: decoder tensors the model has no place for (it has no decoder).
+        ignored: pretraining tensors the model has no place for (it has no decoder; or a classifier's fc_norm
+            replaces the final norm).
         unexpected: other tensors with no place in the model: another architecture.
         mismatched: tensors of another shape or type than the model's (``name: checkpoint ... vs model ...``).
         missing_encoder: encoder tensors the file lacks (a classifier's new head, the fixed position tables,
@@ -471,22 +549,37 @@ class LoadPlan:
     partial_decoder: bool = False
 
 
-def plan_load(own: dict[str, Tensor], weights: Weights, exact: bool = False) -> LoadPlan:
+def plan_load(
+    own: dict[str, Tensor],
+    weights: Weights,
+    exact: bool = False,
+    grid: tuple[int, int] | None = None,
+    patch_size: int | None = None,
+) -> LoadPlan:
     """Match a file's tensors to a model's state dict (``own``) without changing the model.
 
-    ``exact`` (openmae's own files, which record the model): every tensor is the model's. Otherwise
-    the fixed sin-cos tables are recomputed where the file's do not fit, decoder tensors a model
-    without decoder has no place for are ignored, and ``head.*`` / ``fc_norm.*`` go into the model
-    when it has them and into ``extras`` otherwise.
+    ``exact`` (openmae's own files, loaded into the model they record): every tensor is the model's.
+    Otherwise decoder tensors a model without decoder has no place for are ignored, and ``head.*`` /
+    ``fc_norm.*`` go into the model when it has them and into ``extras`` otherwise. Either way, with
+    the model's token ``grid`` and ``patch_size``, position tables of another grid are fitted to it
+    (:func:`fit_position_tables`).
     """
+    state = dict(weights.state)
+    fitted: dict[str, str] = {}
+    unfit: dict[str, str] = {}
+    if grid is not None and patch_size:
+        fitted, unfit = fit_position_tables(state, own, weights, grid, patch_size)
     if exact:
-        state = dict(weights.state)
         plan = LoadPlan(state, {}, list(weights.notes), unexpected=sorted(k for k in state if k not in own))
         for k in plan.unexpected:
             del state[k]
     else:
-        plan = _select(own, weights)
-    plan.mismatched = _mismatches(own, plan.state)
+        plan = _select(own, weights, state, set(fitted))
+    plan.notes.extend(fitted.values())
+    plan.mismatched = [
+        f"{line} ({unfit[key]})" if (key := line.split(":")[0]) in unfit else line
+        for line in _mismatches(own, plan.state)
+    ]
     missing = [k for k in own if k not in plan.state and k not in FIXED]
     replaced_norm = any(k.startswith("fc_norm.") for k in (*weights.state, *weights.extras))
     plan.missing_decoder = [k for k in missing if k.startswith(DECODER_PARTS)]
@@ -499,24 +592,21 @@ def plan_load(own: dict[str, Tensor], weights: Weights, exact: bool = False) -> 
     return plan
 
 
-def _select(own: dict[str, Tensor], weights: Weights) -> LoadPlan:
-    """The lenient match of :func:`plan_load`."""
-    state = dict(weights.state)
+def _select(own: dict[str, Tensor], weights: Weights, state: dict[str, Tensor], fitted: set[str]) -> LoadPlan:
+    """The lenient match of :func:`plan_load`, on ``state`` (the file's tensors, the position tables
+    in ``fitted`` already fitted to the model's grid)."""
     extras = dict(weights.extras)
     notes = list(weights.notes)
     for key in FIXED:
         t = state.get(key)
-        if t is None or key not in own:
+        if t is None or key not in own or key in fitted:
             continue
-        if t.shape == own[key].shape and t.is_floating_point() and not t.any():
+        if t.shape[-1:] == own[key].shape[-1:] and t.is_floating_point() and not t.any():
             del state[key]
             notes.append(
                 f"{key} is all zeros in the file (transformers 5 leaves it unset when a model is built from a "
                 "config); using the fixed sin-cos table"
             )
-        elif t.shape != own[key].shape and is_sincos_table(t):
-            del state[key]
-            notes.append(f"{key}: the file's sin-cos table is for another grid; recomputed for this model's")
         elif (
             t.shape == own[key].shape
             and t.is_floating_point()
@@ -525,21 +615,27 @@ def _select(own: dict[str, Tensor], weights: Weights) -> LoadPlan:
         ):
             notes.append(f"{key} in the file is not the fixed sin-cos table; loaded as stored")
 
-    ignored, unknown = [], []
+    ignored, unknown, unused_norm = [], [], []
+    # a classifier that pools with fc_norm has no final norm (timm's and the paper's fine-tuning layout)
+    pools_with_fc_norm = any(k.startswith("fc_norm.") for k in own) and not any(k.startswith("norm.") for k in own)
     for key in list(state):
         if key in own:
             continue
-        if key.startswith(DECODER_PREFIXES):
+        if key.startswith(PRETRAINING_ONLY):
             ignored.append(key)
+        elif key.startswith("norm.") and pools_with_fc_norm:
+            unused_norm.append(key)
         else:
             unknown.append(key)
         del state[key]
     if ignored:
-        notes.append(f"{len(ignored)} decoder tensors ignored: this model has no decoder")
+        notes.append(f"{plural(len(ignored), 'decoder tensor')} ignored: this model has no decoder")
+    if unused_norm:
+        notes.append("the final norm is not used: fc_norm on the pooled patch tokens replaces it")
     for key in list(extras):
         if key in own:
             state[key] = extras.pop(key)
-    return LoadPlan(state, extras, notes, ignored=ignored, unexpected=sorted(unknown))
+    return LoadPlan(state, extras, notes, ignored=ignored + unused_norm, unexpected=sorted(unknown))
 
 
 def incomplete_message(source: str, plan: LoadPlan, arch: str) -> str:
@@ -576,7 +672,8 @@ def load_into(
     model = unwrap(model)
     own = model.state_dict()
     name = arch or getattr(model, "arch", type(model).__name__)
-    plan = plan_load(own, weights, exact=strict)
+    patch = getattr(model, "patch_size", None)
+    plan = plan_load(own, weights, exact=strict, grid=token_grid(model), patch_size=patch)
     if plan.unexpected and strict:
         raise ValueError(
             f"{weights.source} does not match {name}: {plural(len(plan.unexpected), 'tensor')} with no place in the "

@@ -124,8 +124,9 @@ def build_classifier(
         model_cfg: checkpoint / architecture name, pooling, drop path, constructor overrides.
         weights: :func:`read_encoder`'s result (None: random initialisation of ``model_cfg.name``).
         layout: the readout (:class:`ClassifierLayout`).
-        img_size, in_chans: from the data. Another ``img_size`` than the checkpoint's is fine (the
-            sin-cos position table is recomputed); other channels are refused.
+        img_size, in_chans: from the data. Another ``img_size`` than the checkpoint's is fine: the
+            position table follows the new grid (sin-cos recomputed, a learned one resampled
+            bicubically; the load report says so). Other channels are refused.
     Raises:
         ConfigError: another architecture, other channels, a head that does not fit when required.
     """
