@@ -158,5 +158,8 @@ def test_save_and_load_pretrained(tmp_path):
         assert m2.norm_pix_loss and m2.img_size == (16, 16)
         for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
             assert torch.equal(a, b), k
+    # another image size is fine (the position tables follow the grid); another width is not
+    bigger = openmae.create_model("mae_vit_tiny_patch4", img_size=32, pretrained=str(tmp_path / "m.safetensors"))
+    assert any(n.startswith("pos_embed resampled from 4x4 to 8x8") for n in bigger.load_report.notes)
     with pytest.raises(ValueError, match="shape mismatch"):
-        openmae.create_model("mae_vit_tiny_patch4", img_size=32, pretrained=str(tmp_path / "m.safetensors"))
+        openmae.create_model("mae_vit_tiny_patch4", embed_dim=96, pretrained=str(tmp_path / "m.safetensors"))
