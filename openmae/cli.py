@@ -24,7 +24,20 @@ from typing import Any
 import yaml
 from safetensors import SafetensorError
 
-from openmae.commands import convert, embed, finetune, inspect, knn, linprobe, models, pretrain, recipes, reconstruct
+from openmae.commands import (
+    convert,
+    detect,
+    embed,
+    finetune,
+    inspect,
+    knn,
+    linprobe,
+    models,
+    pretrain,
+    recipes,
+    reconstruct,
+    segment,
+)
 from openmae.config import PretrainConfig, add_config_args, config_from_args
 from openmae.eval_config import FinetuneConfig, KNNConfig, LinprobeConfig
 
@@ -70,6 +83,14 @@ COMMANDS: dict[str, Command] = {
         linprobe.EXAMPLES,
     ),
     "knn": Command(KNNConfig, knn.run, "weighted kNN accuracy of frozen features", knn.DESCRIPTION, knn.EXAMPLES),
+    "segment": Command(
+        segment.SegmentConfig, segment.run, "fine-tune a pretrained encoder for semantic segmentation (mIoU)",
+        segment.DESCRIPTION, segment.EXAMPLES,
+    ),
+    "detect": Command(
+        detect.DetectConfig, detect.run, "fine-tune a pretrained encoder for detection / instance segmentation (mAP)",
+        detect.DESCRIPTION, detect.EXAMPLES,
+    ),
     "embed": Command(
         embed.EmbedSettings, embed.run, "features of a folder of images, to safetensors or .npy", embed.DESCRIPTION,
         embed.EXAMPLES,

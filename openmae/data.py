@@ -730,8 +730,10 @@ def build_loader(
     epoch: int = 0,
     skip_batches: int = 0,
     pin_memory: bool = False,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> DataLoader:
-    """A loader for one epoch of one rank: ``ShardedSampler`` order, ``collate``d ``Batch``es of ``batch_size``.
+    """A loader for one epoch of one rank: ``ShardedSampler`` order, ``collate``d ``Batch``es of ``batch_size``
+    (or what ``collate_fn`` makes of them: openmae.dense's segmentation and detection batches).
 
     Build one per epoch: the workers are not persistent, so they start with this epoch's
     ``dataset.set_epoch``. The loader never draws from the global RNG (its worker seed comes
@@ -746,7 +748,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn or collate,
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=False,

@@ -37,7 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,8 +62,10 @@ from openmae.runtime import Runtime
 class Task(Protocol):
     """What the engine needs from a pretraining / fine-tuning / probing task.
 
-    Optional members: ``name`` (the progress bar's label, default ``pretrain``) and
-    ``build_optimizer(groups, lr, optim_cfg)`` (default: AdamW with ``optim_cfg.betas``).
+    Optional members: ``name`` (the progress bar's label, default ``pretrain``),
+    ``build_optimizer(groups, lr, optim_cfg)`` (default: AdamW with ``optim_cfg.betas``) and
+    ``export(model, path)``, which writes the trained model to ``model.safetensors`` (default:
+    ``openmae.save_pretrained``; a dense model records its own architecture).
     """
 
     model: nn.Module
@@ -401,12 +403,10 @@ def optimizer_step(state: TrainState, lr: float, clip_grad: float | None) -> Non
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on ``device``: its own ``to`` moves what it holds (a detection batch: a list of targets)."""
     if device.type == "cpu":
         return batch
-    nb = device.type == "cuda"
-    batch.images = batch.images.to(device, non_blocking=nb)
-    batch.labels = batch.labels.to(device, non_blocking=nb)
-    return batch
+    return batch.to(device, non_blocking=device.type == "cuda")
 
 
 class Trainer:
@@ -422,6 +422,8 @@ class Trainer:
         data: the data settings the loop reads (``num_workers``, ``max_bad_fraction``).
         config: the whole resolved config, written next to the outputs and into checkpoints.
         hooks: run at each epoch's end and the run's (see :class:`Hook`).
+        collate_fn: how the loader batches samples (default openmae.data's ``collate``); its batches
+            need ``images``, ``failed``, ``__len__`` and ``to(device, non_blocking=)``.
     """
 
     def __init__(
@@ -435,11 +437,13 @@ class Trainer:
         data: DataConfig,
         config: dict[str, Any],
         hooks: Sequence[Hook] = (),
+        collate_fn: Callable[[list], Any] | None = None,
     ) -> None:
         self.task, self.dataset, self.runtime = task, dataset, runtime
         self.cfg, self.optim_cfg, self.data = train, optim, data
         self.config = config
         self.hooks = list(hooks)
+        self.collate_fn = collate_fn
         self.out_dir = Path(train.output_dir)
         self.checkpoints = CheckpointManager(self.out_dir, train, runtime, config)
         self.already_finished = False  # fit() found the run finished and left its outputs alone
@@ -508,7 +512,8 @@ class Trainer:
         summary = self._summary(schedule, state, logger, tracker)
         summary.update(self._call_hooks("on_train_end", ctx))
         if runtime.is_main:
-            save_pretrained(model, self.out_dir / "model.safetensors")
+            export = getattr(self.task, "export", None) or save_pretrained
+            export(model, self.out_dir / "model.safetensors")
             atomic_write_text(self.out_dir / "summary.json", json_text(summary, indent=2) + "\n")
             report_bad_images(summary["bad_images"])
         logger.close()
@@ -566,6 +571,7 @@ class Trainer:
             epoch=epoch,
             skip_batches=skip_steps * self.cfg.accum_steps,
             pin_memory=self.runtime.device.type == "cuda",
+            collate_fn=self.collate_fn,
         )
         accum = self.cfg.accum_steps
         used = len(loader) // accum * accum  # fit() stops before a trailing partial step
