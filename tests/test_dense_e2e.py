@@ -131,7 +131,7 @@ def test_segment_fpn_head_from_random_init(tmp_path):
 @pytest.fixture(scope="module")
 def detect_run(tiny_mae, tmp_path_factory):
     out = tmp_path_factory.mktemp("detect") / "run"
-    cli("detect", "--checkpoint", tiny_mae, *DETECT_QUICK, "--output", out)
+    cli("detect", "--checkpoint", tiny_mae, "--detector", "mask_rcnn", *DETECT_QUICK, "--output", out)
     return out
 
 
@@ -179,7 +179,7 @@ def coco_root(tmp_path):
 
 def test_detect_faster_rcnn_on_a_coco_folder(coco_root, tmp_path):
     out = tmp_path / "coco_run"
-    cli("detect", *TINY_VIT, "--dataset", "coco", "--data", coco_root, "--detector", "faster_rcnn",
+    cli("detect", *TINY_VIT, "--dataset", "coco", "--data", coco_root,
         *quick(scenes=4, val=4, batch=2), "--epochs", "1", "--detect.fpn_channels", "16",
         "--detect.representation_size", "32", "--detect.detections_per_image", "10", "--output", out)
     metrics = metrics_of(out)
@@ -216,7 +216,8 @@ def test_bad_settings_are_refused_before_anything_is_written(
         (["segment", "--model", "mae_nothing"], ["model.name 'mae_nothing'", "vit_micro_patch4"]),
         (["segment", "--optim.layer_decay", "0"], ["optim.layer_decay must be in (0, 1]"]),
         (["detect", "--detect.anchor_scale", "-1"], ["detect.anchor_scale must be positive"]),
-        (["detect", *TINY_VIT, "--dataset", "coco", "--data", coco_root], ["no instance masks", "faster_rcnn"]),
+        (["detect", *TINY_VIT, "--detector", "mask_rcnn", "--dataset", "coco", "--data", coco_root],
+         ["no instance masks", "faster_rcnn"]),
         (["segment", "--data.scale_range", "2", "1"], ["data.scale_range"]),
     ]
     for argv, expect in cases:

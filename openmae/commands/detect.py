@@ -17,10 +17,11 @@ DESCRIPTION = (
 EXAMPLES = """examples:
   openmae detect --checkpoint runs/pretrain                 # fashion-scenes, 64 px, a few minutes on 2 CPU cores
   openmae detect --model vit_micro_patch4 --output runs/detect_random    # the same encoder, random init
-  openmae detect --checkpoint runs/pretrain --detector faster_rcnn       # boxes only
+  openmae detect --checkpoint runs/pretrain --detector mask_rcnn         # boxes and instance masks
   openmae detect --eval-only --checkpoint runs/detect --output runs/detect_eval
   torchrun --nproc_per_node=8 -m openmae detect --checkpoint mae_pretrain_vit_base.pth --dataset coco \\
-      --data /datasets/coco --img-size 1024 --detect.fpn_channels 256 --detect.representation_size 1024 \\
+      --data /datasets/coco --img-size 1024 --detector mask_rcnn --detect.fpn_channels 256 \\
+      --detect.representation_size 1024 --detect.rois_per_image 512 --detect.detections_per_image 100 \\
       --detect.anchor_scale 8 --data.limit null --data.val_limit null --batch-size 2 --optim.layer_decay 0.7
 """
 

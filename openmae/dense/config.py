@@ -105,7 +105,7 @@ class DenseData:
     channels: int | None = opt(
         None, "image channels, 1 or 3; default the encoder's (a 1-channel encoder reads RGB as gray)"
     )
-    limit: int | None = opt(1000, "train on the first N scenes / images (null: all; fashion-scenes has 10000)")
+    limit: int | None = opt(2000, "train on the first N scenes / images (null: all; fashion-scenes has 10000)")
     val_limit: int | None = opt(
         500, "evaluate on the first N held-out scenes / images (null: all; fashion-scenes has 2000)"
     )
@@ -113,7 +113,9 @@ class DenseData:
         "jitter", "jitter: scale jitter (scale_range), random crop and horizontal flip, masks and boxes moved with "
         "the pixels; none: resize and pad as in evaluation", choices=("jitter", "none"),
     )
-    scale_range: list[float] = opt([0.5, 2.0], "scale jitter factors [lo, hi] (ViTDet's large-scale jitter: 0.1 2.0)")
+    scale_range: list[float] = opt(
+        [0.8, 1.25], "scale jitter factors [lo, hi] (mild, for minutes of training; ViTDet's long schedules: 0.1 2.0)"
+    )
     hflip: float = opt(0.5, "horizontal flip probability")
     mean: list[float] | None = opt(None, "per-channel normalisation mean (default: the dataset's; fashion-scenes: "
                                    "Fashion-MNIST's, as pretraining)")
@@ -216,7 +218,7 @@ class SegmentData(DenseData):
 
 @dataclass
 class SegmentTrain(TrainConfig):
-    epochs: int = opt(3, "number of epochs (ADE20K recipes: 160k iterations)", alias="--epochs")
+    epochs: int = opt(4, "number of epochs (ADE20K recipes: 160k iterations)", alias="--epochs")
     batch_size: int = opt(16, "images per process per step (ADE20K recipes: 16 in all)", alias="--batch-size")
     log_every: int = opt(10, "log scalars every N steps")
     output_dir: str = opt("runs/segment", "where logs, checkpoints, metrics.json, predictions.png and the model go",
@@ -264,6 +266,7 @@ class DetectData(DenseData):
         "fashion-scenes", "dataset: fashion-scenes (built in) or coco (a COCO instances JSON and images, --data ROOT)",
         choices=_datasets("detect"), alias="--dataset",
     )
+    limit: int | None = opt(1000, "train on the first N scenes / images (null: all; fashion-scenes has 10000)")
     val_limit: int | None = opt(
         200, "evaluate on the first N held-out scenes / images (null: all; fashion-scenes has 2000)"
     )
@@ -272,7 +275,7 @@ class DetectData(DenseData):
 @dataclass
 class DetectTrain(TrainConfig):
     epochs: int = opt(3, "number of epochs (COCO recipes: 12-100)", alias="--epochs")
-    batch_size: int = opt(16, "images per process per step (COCO recipes: 16-64 in all)", alias="--batch-size")
+    batch_size: int = opt(8, "images per process per step (COCO recipes: 16-64 in all)", alias="--batch-size")
     log_every: int = opt(10, "log scalars every N steps")
     output_dir: str = opt("runs/detect", "where logs, checkpoints, metrics.json, predictions.png and the model go",
                           alias="--output")
@@ -281,7 +284,8 @@ class DetectTrain(TrainConfig):
 @dataclass
 class DetectSettings:
     detector: str = opt(
-        "mask_rcnn", "torchvision's mask_rcnn (boxes and instance masks, the papers') or faster_rcnn (boxes)",
+        "faster_rcnn", "torchvision's faster_rcnn (boxes; half mask_rcnn's cost on a CPU) or mask_rcnn (boxes and "
+        "instance masks, the papers')",
         choices=DETECTORS, alias="--detector",
     )
     fpn_channels: int = opt(64, "width of the FPN and the mask head (torchvision: 256)")
