@@ -98,8 +98,8 @@ def dense_model_file(path: str | os.PathLike) -> Path:
     if path.is_dir():
         if not (path / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
-                f"{path} holds no {WEIGHTS_NAME}: the run has not finished; finish it (run the same command "
-                "again) or pass a model file"
+                f"{path} holds no {WEIGHTS_NAME} (a run that has not finished, or no run folder); finish the run "
+                "(the same command again) or pass the model.safetensors of a finished segment / detect run"
             )
         path = path / WEIGHTS_NAME
     return path
