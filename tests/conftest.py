@@ -72,3 +72,13 @@ def cli_fails(capsys):
         return message
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny end-to-end runs: on a shared, loaded CPU it is several
+    times faster than two threads fighting for cores (and every run of a comparison uses the same count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,21 +25,11 @@ from openmae.checkpoint import checkpoint_step, list_checkpoints
 from openmae.cli import main
 from openmae.io import read_safetensors
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
               "decoder_num_heads": 2, "patch_size": 4}
 STEPS = 48  # 128 digits / batch 8 x 3 epochs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared, loaded CPU: one intra-op thread is several times faster than two
-    fighting for cores (and every run of a comparison must use the same count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def argv(out: Path) -> list[str]:
