@@ -393,20 +393,36 @@ class TrainConfig:
     resume: str | None = opt("auto", "checkpoint to resume: a path, 'auto' (latest in output dir) or 'none'", alias="--resume")
     recon_every: int = opt(1, "reconstruct fixed held-out images every N epochs (0: never)")
     recon_images: int = opt(8, "how many held-out images those figures show")
+    knn_every: int = opt(
+        0, "pretraining: kNN top-1 of the encoder on the labelled held-out split every N epochs and after the last "
+        "(knn/top1 in metrics.jsonl, TensorBoard and summary.json); 0: off",
+    )
+    knn_limit: int | None = opt(
+        10000, "images of each split the kNN monitor encodes (memory bank and queries, re-encoded each time); null: all"
+    )
+    knn_k: int = opt(20, "neighbours that vote in the kNN monitor (weights exp(cosine / 0.07))")
+    knn_pool: str = opt(
+        "auto", "the kNN monitor's feature: token (cls token), avg (mean patch token), auto (token where the encoder "
+        "has a cls token, else avg)", choices=("auto", "token", "avg"),
+    )
     compile: bool = opt(False, "torch.compile the model")
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         check_types(self, "train")
-        counts = ("epochs", "batch_size", "accum_steps", "save_every", "log_every", "keep_checkpoints", "recon_images")
+        counts = (
+            "epochs", "batch_size", "accum_steps", "save_every", "log_every", "keep_checkpoints", "recon_images", "knn_k"
+        )
         for name in counts:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name, off in (("recon_every", "0: never"), ("save_every_steps", "0 or null: off")):
+        for name, off in (("recon_every", "0: never"), ("save_every_steps", "0 or null: off"), ("knn_every", "0: off")):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 ({off}), got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1 (null: run every epoch), got {self.max_steps}")
+        if self.knn_limit is not None and self.knn_limit < 1:
+            raise ConfigError(f"train.knn_limit must be >= 1 images (null: every image), got {self.knn_limit}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"train.seed must be a whole number in [0, 2^63), got {self.seed}")
         if not self.output_dir.strip():

@@ -9,15 +9,17 @@ the plain module being trained).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from openmae.config import PretrainConfig
-from openmae.data import ImageDataset, build_dataset
+from openmae.config import ConfigError, PretrainConfig
+from openmae.data import ImageDataset, build_dataset, labelled_splits
 from openmae.engine import RunContext
 from openmae.eval_config import EvalSettings
 from openmae.inference import evaluate, knn_accuracy
+from openmae.transforms import eval_transform
 from openmae.visualize import log_reconstructions, plot_loss_curve
 
 
@@ -60,10 +62,20 @@ class LossCurvePlot:
 
 
 class KNNMonitor:
-    """A pretraining hook: kNN accuracy of the encoder's features every ``every`` epochs.
+    """A pretraining hook: kNN accuracy of the encoder's features every ``every`` epochs, and after
+    the last one (``epochs``) whatever ``every`` says.
 
-    The engine logs what it returns (``knn/top1``, ``knn/top5``) to metrics.jsonl and TensorBoard.
-    Use small splits (``DataConfig(limit=...)``): the memory bank is re-encoded each time.
+    The engine logs what it returns (``knn/top1``, ``knn/top5``) to metrics.jsonl and TensorBoard;
+    the run's summary gets ``knn`` (the last evaluation, and at which step). Use small splits
+    (``DataConfig(limit=...)``): the memory bank is re-encoded each time. Evaluating draws nothing
+    from the global random generators (their state is restored after), so the trained weights are
+    the same with the monitor on or off.
+
+    Args:
+        train, test: labelled memory bank and queries, both with the evaluation transform.
+        every: evaluate every N epochs. epochs: the run's epoch count (None: no extra evaluation at the end).
+        k, temperature: the vote (see :func:`openmae.inference.knn_classify`).
+        pool: ``token`` (cls token), ``avg`` (mean patch token) or ``auto`` (token where the model has one).
     """
 
     def __init__(
@@ -75,18 +87,58 @@ class KNNMonitor:
         temperature: float = 0.07,
         pool: str = "token",
         batch_size: int = 256,
+        epochs: int | None = None,
     ) -> None:
         self.train, self.test = train, test
         self.every, self.k, self.temperature, self.pool, self.batch_size = every, k, temperature, pool, batch_size
+        self.epochs = epochs
+        self.last: dict[str, Any] | None = None  # the latest evaluation, with its step
+
+    @classmethod
+    def from_config(cls, cfg: PretrainConfig) -> KNNMonitor:
+        """The monitor ``cfg.train.knn_*`` describe, on the first ``knn_limit`` images of each labelled
+        split of ``cfg.data`` (a ConfigError naming the flag for unlabelled data or no held-out split)."""
+        train_cfg = cfg.train
+        limit = train_cfg.knn_limit
+        if cfg.data.limit is not None:
+            limit = cfg.data.limit if limit is None else min(limit, cfg.data.limit)
+        data = dataclasses.replace(cfg.data, limit=limit)
+        try:
+            bank, queries = labelled_splits(data, train_cfg.seed, "the kNN monitor")
+        except ConfigError as e:
+            raise ConfigError(f"train.knn_every: {e}") from None
+        bank.transform = eval_transform(data.img_size, bank.mean, bank.std)  # the memory bank is not augmented
+        return cls(bank, queries, every=train_cfg.knn_every, k=train_cfg.knn_k, pool=train_cfg.knn_pool,
+                   epochs=train_cfg.epochs)
+
+    def evaluate(self, ctx: RunContext) -> dict[str, Any]:
+        model = ctx.model
+        pool = self.pool
+        if pool == "auto":
+            pool = "token" if getattr(model, "num_prefix_tokens", 0) else "avg"
+        devices = [ctx.runtime.device] if ctx.runtime.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # a DataLoader draws its base seed from the global RNG
+            metrics = knn_accuracy(
+                model, self.train, self.test, ctx.runtime, k=self.k, temperature=self.temperature, pool=pool,
+                batch_size=self.batch_size,
+            )
+        self.last = {"top1": metrics["top1"], "top5": metrics["top5"], "step": ctx.step, "k": self.k, "pool": pool,
+                     "images": metrics["images"], "memory": metrics["memory"]}
+        return self.last
 
     def on_epoch_end(self, ctx: RunContext) -> dict[str, float] | None:
-        if (ctx.epoch + 1) % self.every:
+        epoch = ctx.epoch + 1
+        if epoch % self.every and epoch != self.epochs:
             return None
-        metrics = knn_accuracy(
-            ctx.model, self.train, self.test, ctx.runtime, k=self.k, temperature=self.temperature, pool=self.pool,
-            batch_size=self.batch_size,
-        )
+        metrics = self.evaluate(ctx)
         return {"knn/top1": metrics["top1"], "knn/top5": metrics["top5"]}
+
+    def on_train_end(self, ctx: RunContext) -> dict[str, Any]:
+        if self.last is None or self.last["step"] != ctx.step:  # stopped by max_steps, or resumed past the last
+            metrics = self.evaluate(ctx)
+            if ctx.writer is not None:
+                ctx.writer.add_scalar("knn/top1", metrics["top1"], ctx.step)
+        return {"knn": self.last}
 
 
 class HeldOutEvaluation:

@@ -31,10 +31,13 @@ from openmae.io import atomic_write_text, stale_temp_files
 # - data.num_workers does not change a batch (each sample's transform is seeded by (seed, epoch,
 #   index)); data.max_bad_fraction is a stop threshold.
 # - eval.every / eval.batch_size: held-out evaluation in eval mode, beside training; eval.only never trains.
+# - train.knn_*: the kNN monitor encodes images in eval mode without gradients and restores the global
+#   RNG after, so the weights are the same with it on or off (tested).
 HARMLESS = frozenset({
     "train.output_dir", "train.resume", "train.max_steps", "train.device", "train.compile",
     "train.save_every", "train.save_every_steps", "train.keep_checkpoints",
     "train.log_every", "train.progress", "train.recon_every", "train.recon_images",
+    "train.knn_every", "train.knn_limit", "train.knn_k", "train.knn_pool",
     "data.num_workers", "data.max_bad_fraction",
     "eval.every", "eval.batch_size", "eval.only",
 })

@@ -18,7 +18,7 @@ from openmae.data import build_dataset, labelled_splits
 from openmae.distributed import barrier
 from openmae.engine import Trainer, write_run_files
 from openmae.eval_config import FinetuneConfig, LinprobeConfig
-from openmae.hooks import HeldOutEvaluation, LossCurvePlot, ReconstructionHook
+from openmae.hooks import HeldOutEvaluation, KNNMonitor, LossCurvePlot, ReconstructionHook
 from openmae.inference import evaluate
 from openmae.interop.classifier import ClassifierLayout, build_classifier, check_resumable, read_encoder
 from openmae.io import atomic_write_text, json_text
@@ -59,6 +59,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     model = build_pretrain_model(cfg, dataset.channels)
     task = PretrainTask(model, cfg.model.mask_ratio, cfg.model.mask_type, cfg.train.seed)
     hooks = [ReconstructionHook(cfg, dataset)] if cfg.train.recon_every else []
+    if cfg.train.knn_every:
+        hooks.append(KNNMonitor.from_config(cfg))
     hooks.append(LossCurvePlot())
     config = to_dict(cfg)
     config["data"]["mean"], config["data"]["std"] = list(dataset.mean), list(dataset.std)
@@ -85,6 +87,11 @@ def run_protocol(protocol: str, cfg: FinetuneConfig | LinprobeConfig) -> dict[st
     """Train (or with ``cfg.eval.only`` evaluate) a classifier with ``protocol`` (finetune / linprobe);
     returns the metrics written to ``metrics.json``: held-out top-1 / top-5 (%), loss, images, and
     the run's description."""
+    if cfg.train.knn_every:
+        raise ConfigError(
+            f"train.knn_every monitors an encoder during pretraining; {protocol} reports held-out accuracy itself "
+            "(eval.every): drop --train.knn_every"
+        )
     runtime = Runtime.create(cfg.train.device, cfg.train.precision)
     if cfg.eval.only:
         return evaluate_checkpoint(protocol, cfg, runtime)
