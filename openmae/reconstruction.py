@@ -7,7 +7,7 @@ Norm-pix models predict every patch normalised by its *own* mean and variance, w
 a removed patch at inference. :func:`reconstruct` never hides that; ``unnormalize`` picks how to show
 the prediction, and the figure says which:
 
-- ``"visible"`` (default): a visible patch is un-normalised with its own statistics (known: it is in
+- ``"visible"``: a visible patch is un-normalised with its own statistics (known: it is in
   the input); a removed patch with the image's typical patch statistics, i.e. the average per-patch
   mean and the average per-patch variance of the visible patches of that image.
 - ``"dataset"``: the dataset statistics only. Every predicted patch is taken as a patch of mean 0 and
@@ -15,6 +15,10 @@ the prediction, and the figure says which:
   with the pipeline's per-channel mean/std: ``pixel = pred * std_c + mean_c``.
 - ``"none"``: the normalised view. Every panel (the original too) is shown per-patch normalised,
   ``(x - mean) / std`` of each patch, with -2..+2 std mapped to black..white.
+
+- ``"head"``: the model's pixel head (``pixel_head=True``): a linear readout of raw pixels from the
+  decoder's output, trained beside the norm-pix head on detached features. ``"auto"`` (default) picks
+  it when the model has one, else ``"visible"``.
 
 Models trained on raw pixels (``norm_pix_loss=False``) need none of this; their mode is ``"pixels"``.
 
@@ -26,6 +30,7 @@ works for any masked-image model in the registry.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -39,7 +44,7 @@ import yaml
 from torch import Tensor
 
 from openmae.checkpoint import training_config
-from openmae.data import DATASET_NORMALIZATION, load_image
+from openmae.data import DATASET_NORMALIZATION, BadImageError, decode_image
 from openmae.interop import build_for, read_weights
 from openmae.interop.architecture import load_into
 from openmae.interop.native import resolve_weights_file
@@ -49,13 +54,15 @@ from openmae.masking import MASK_TYPES, check_mask_ratio, num_kept, sample_mask
 from openmae.patches import to_2tuple
 from openmae.transforms import resize_center_crop
 
-UNNORMALIZE_MODES = ("visible", "dataset", "none")
+UNNORMALIZE_MODES = ("auto", "head", "visible", "dataset", "none")
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 MASK_FILL = 0.5  # removed patches are shown mid-grey, as in the paper's figures
 PATCH_EPS = 1.0e-6  # the norm-pix target's epsilon: (x - mean) / sqrt(var + eps)
 
 _MODE_TEXT = {
     "pixels": "pixel target: the prediction is shown as it is",
+    "head": "norm-pix target, shown through the pixel head: a linear readout of raw pixels from the decoder's "
+    "output, trained on detached features (it does not change what the model learns)",
     "visible": "norm-pix target, un-normalised with known statistics: visible patches with their own mean/std, "
     "removed patches with the average of the visible patches' (theirs are unknown at inference)",
     "dataset": "norm-pix target: patches un-normalised with dataset statistics only "
@@ -281,11 +288,66 @@ class Reconstruction:
         """(N, R, 4, H, W, C) float32 in [0, 1], ready for ``plt.imshow``."""
         return self.panels.permute(0, 1, 2, 4, 5, 3).numpy().astype(np.float32)
 
+    def select_bands(self, bands: Sequence[int] | None = None, stretch: bool | None = None) -> Reconstruction:
+        """The panels with only the channels a figure can show: ``bands`` (1 or 3 indices, 0-based, shown
+        as gray or as R, G, B; default :func:`display_bands`), for images of any channel count.
+
+        ``stretch`` (default: for images other than 1 or 3 channels) maps each shown band of an image
+        linearly from its 2nd..98th percentile in the original panel to 0..1, the same for all of the
+        image's panels: multi-band data (16-bit reflectances, say) often fills a small part of [0, 1].
+        Not applied to the normalised view (mode ``"none"``).
+        """
+        channels = self.panels.shape[3]
+        chosen = display_bands(channels, bands)
+        if stretch is None:
+            stretch = channels not in (1, 3)
+        panels = self.panels[:, :, :, list(chosen)]  # (N, R, 4, B, H, W)
+        description = self.description
+        if chosen != tuple(range(channels)):
+            description += f"; bands {', '.join(map(str, chosen))} of {channels} shown" + (
+                " as R, G, B" if len(chosen) == 3 else ""
+            )
+        if stretch and self.mode != "none":
+            original = panels[:, 0, 0].flatten(2)  # (N, B, H*W): the first row's original image
+            lo = original.quantile(0.02, dim=-1)[:, None, None, :, None, None]
+            hi = original.quantile(0.98, dim=-1)[:, None, None, :, None, None]
+            panels = ((panels - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)
+            removed = self.removed_pixels()[:, :, None]  # (N, R, 1, H, W): the grey stays grey
+            panels[:, :, PANELS.index("masked")] = torch.where(removed, MASK_FILL, panels[:, :, PANELS.index("original")])
+            description += "; each band stretched from its 2-98% range in the image to black..white"
+        return dataclasses.replace(self, panels=panels, description=description)
+
+    def removed_pixels(self) -> Tensor:
+        """(N, R, H, W) bool, True where a removed patch lies (square patches tiling the image)."""
+        n, r, length = self.mask.shape
+        h, w = self.panels.shape[-2:]
+        p = round((h * w / length) ** 0.5)
+        grid = self.mask.reshape(n, r, h // p, w // p)
+        return grid.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+
     def row_label(self, ratio_index: int) -> str:
         if self.mask_type == "grid":
             return f"grid mask ({self.mask_ratios[ratio_index]:.0%})"
         prefix = "block mask" if self.mask_type == "block" else "mask"
         return f"{prefix} {self.mask_ratios[ratio_index]:.0%}"
+
+
+def display_bands(channels: int, bands: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The channels a figure of ``channels``-channel images shows: ``bands`` checked (1 or 3 indices in
+    0..channels-1), else all of a 1- or 3-channel image, the first three bands of a multi-band one, or the
+    first band alone when there are two. Raises ValueError naming the valid range."""
+    if bands is None:
+        return tuple(range(channels)) if channels in (1, 3) else ((0, 1, 2) if channels > 3 else (0,))
+    bands = tuple(int(b) for b in bands)
+    if len(bands) not in (1, 3):
+        raise ValueError(f"show 1 band (gray) or 3 (R G B), not {len(bands)}: {' '.join(map(str, bands))}")
+    outside = [b for b in bands if not 0 <= b < channels]
+    if outside:
+        raise ValueError(
+            f"band {' '.join(map(str, outside))} out of range: the images have {channels} band"
+            f"{'' if channels == 1 else 's'}, numbered 0 to {channels - 1}"
+        )
+    return bands
 
 
 def _ratios(mask_ratios: float | Sequence[float], mask_type: str) -> tuple[float, ...]:
@@ -306,7 +368,7 @@ def reconstruct(
     mask_ratios: float | Sequence[float] = (0.75,),
     mask_type: str = "random",
     seed: int = 0,
-    unnormalize: str = "visible",
+    unnormalize: str = "auto",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Reconstruction:
@@ -323,7 +385,7 @@ def reconstruct(
         mask_ratios: one ratio or several; each gives one row per image.
         mask_type: random, block or grid (grid ignores the ratio: it removes 3 of every 4 patches).
         seed: seeds the masks.
-        unnormalize: visible, dataset or none; how to show norm-pix predictions (module docstring).
+        unnormalize: auto, head, visible, dataset or none; how to show norm-pix predictions (module docstring).
             Ignored for models trained on raw pixels.
         mean, std: the pipeline's per-channel normalisation, to show images in pixel space; None if
             ``images`` are already pixels in [0, 1].
@@ -343,7 +405,15 @@ def reconstruct(
             raise ValueError(f"mask ratio {ratio} keeps none of the model's {length} patches; use a lower ratio")
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    mode = unnormalize if model.norm_pix_loss else "pixels"
+    has_head = getattr(model, "pixel_head", False)
+    if unnormalize == "auto":
+        unnormalize = "head" if has_head else "visible"
+    if unnormalize == "head" and not has_head:
+        raise ValueError(
+            f"{type(model).__name__} has no pixel head to show; pick --unnormalize visible, dataset or none, "
+            "or pretrain with --model.kwargs \"{pixel_head: true}\""
+        )
+    mode = unnormalize if model.norm_pix_loss or unnormalize == "head" else "pixels"
     images = images.detach().float().cpu()
     n = images.shape[0]
     device = next(model.parameters()).device
@@ -362,7 +432,8 @@ def reconstruct(
                     given = {"mask": sample_mask(mask_type, n, to_2tuple(model.grid_size), ratio, generator).to(device)}
                 out = model(images.to(device), ratio, **given)
                 mask = out.mask.detach().bool().cpu()  # (N, L)
-                rows.append(_panels(model, images, out.pred.detach().float().cpu(), mask, mode, mean, std))
+                pred = out.pixel_pred if mode == "head" else out.pred  # the head reads out pixels
+                rows.append(_panels(model, images, pred.detach().float().cpu(), mask, mode, mean, std))
                 masks.append(mask)
                 removed.append(mask.float().mean().item())
     finally:
@@ -410,11 +481,11 @@ def _panels(
 
 
 def read_image(path: str | os.PathLike, channels: int, size: int | tuple[int, int]) -> Tensor:
-    """Read an image (openmae.data's decoder) as (C, H, W) float pixels in [0, 1]: shorter side
-    resized (bicubic), centre-cropped. ``channels`` 1 converts to grayscale, 3 to RGB."""
-    if channels not in (1, 3):
-        raise ValueError(f"can read images as 1 or 3 channels, not {channels}")
-    image = load_image(path, channels)  # uint8 (C, H, W), None when unreadable
-    if image is None:
-        raise ValueError(f"cannot read image {path}: the file is corrupt or not an image")
+    """Read an image (openmae.data's decoder) as (C, H, W) float pixels on the [0, 1] scale: shorter
+    side resized (bicubic), centre-cropped. ``channels`` 1 converts to grayscale, 3 to RGB; other
+    counts read multi-band .tif/.tiff/.npy files holding that many bands."""
+    try:
+        image = decode_image(path, channels)  # uint8 (C, H, W); float32 for multi-band data beyond 8 bits
+    except BadImageError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
     return resize_center_crop(image, size)

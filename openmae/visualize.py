@@ -49,9 +49,13 @@ def render_figure(
 
     The panels are resized to whole pixels (nearest-neighbour when enlarging, so patches stay
     sharp) and drawn as one image with ``figimage``; no axes, no tight layout, so the size is
-    exactly :func:`figure_size` and drawing costs little.
+    exactly :func:`figure_size` and drawing costs little. Panels of other than 1 or 3 channels are
+    shown as their default composite (:meth:`Reconstruction.select_bands`); pick bands with it first.
     """
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend switch
+
+    if rec.panels.shape[3] not in (1, 3):
+        rec = rec.select_bands()
 
     n, r, cols = rec.panels.shape[:3]
     titles = list(titles) if titles is not None else [f"image {i + 1}" for i in range(n)]
@@ -147,8 +151,9 @@ def log_reconstructions(
     mask_ratios: float | Sequence[float] = (0.75,),
     mask_type: str | None = None,
     seed: int = 0,
-    unnormalize: str = "visible",
+    unnormalize: str = "auto",
     tag: str = "reconstructions",
+    bands: Sequence[int] | None = None,
 ) -> Path:
     """Reconstruct a fixed batch during training: ``out_dir/reconstructions/epoch_XXXX.png`` + TensorBoard.
 
@@ -164,12 +169,16 @@ def log_reconstructions(
         epoch: names the file (``epoch_0005.png``) and is the TensorBoard step.
         mean, std: the pipeline's per-channel normalisation.
         mask_type: default: the model's own ``mask_type`` (random if it has none).
+        bands: the 1 or 3 channels to show (0-based; see :meth:`Reconstruction.select_bands`); default:
+            all of 1- or 3-channel images, the first three bands of multi-band ones.
     Returns:
         The PNG path.
     """
     model = unwrap(model)
     mask_type = mask_type or getattr(model, "mask_type", "random")
     rec = reconstruct(model, images, mask_ratios, mask_type, seed, unnormalize, mean, std)
+    if bands is not None or rec.panels.shape[3] not in (1, 3):
+        rec = rec.select_bands(bands)
     fig = render_figure(rec, heading=f"epoch {epoch}")
     path = Path(out_dir) / "reconstructions" / f"epoch_{int(epoch):04d}.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))

@@ -218,7 +218,30 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="mask_type must be one of"):
         reconstruct(m, x, mask_type="checkerboard")
     with pytest.raises(ValueError, match="unnormalize must be one of"):
-        reconstruct(m, x, unnormalize="auto")
+        reconstruct(m, x, unnormalize="stretch")
+    with pytest.raises(ValueError, match="has no pixel head"):
+        reconstruct(m, x, unnormalize="head")
+
+
+def test_pixel_head_is_a_readout_that_changes_nothing_else():
+    torch.manual_seed(0)
+    plain = openmae.create_model("mae_vit_micro_patch4", norm_pix_loss=True)
+    torch.manual_seed(0)
+    headed = openmae.create_model("mae_vit_micro_patch4", norm_pix_loss=True, pixel_head=True)
+    headed.load_state_dict(plain.state_dict(), strict=False)
+    x, noise = torch.randn(2, 1, 28, 28), torch.rand(2, 49)
+    a, b = plain(x, noise=noise), headed(x, noise=noise)
+    assert torch.equal(a.pred, b.pred)
+    assert b.loss.item() == pytest.approx((a.loss + b.pixel_loss).item())
+    b.loss.backward()
+    a.loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), headed.parameters()):  # same order: the head comes last
+        if p.requires_grad:  # the pixel loss reaches only its own head
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    assert headed.decoder_pred_pixel.weight.grad.abs().sum() > 0
+    rec = reconstruct(headed, x)  # auto: shown through the head
+    assert rec.mode == "head" and "pixel head" in rec.description
+    assert reconstruct(headed, x, unnormalize="visible").mode == "visible"
 
 
 # -- figures ---------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ class ReconstructSettings:
     mask_type: str = opt("random", "mask sampler (grid ignores the ratio)", alias="--mask", choices=MASK_TYPES)
     seed: int = opt(0, "seed of the masks: the same seed gives the same figure")
     unnormalize: str = opt(
-        "visible", "norm-pix models: un-normalise with visible-patch statistics, dataset statistics, or show the "
-        "normalised view", choices=UNNORMALIZE_MODES,
+        "auto", "norm-pix models: head (the model's pixel head, when pretrained with one), visible (un-normalise "
+        "with visible-patch statistics), dataset (dataset statistics) or none (the normalised view); auto: head "
+        "if the model has one, else visible", choices=UNNORMALIZE_MODES,
     )
     max_images: int = opt(8, "use at most this many images of a folder")
     mean: list[float] | None = opt(
@@ -36,6 +37,11 @@ class ReconstructSettings:
         "grayscale)"
     )
     std: list[float] | None = opt(None, "per-channel normalisation std (see --mean)")
+    bands: list[int] | None = opt(
+        None, "the channels to show, 0-based: three as R G B (e.g. 3 2 1 for Sentinel-2's true colour) or one as "
+        "gray; default all of 1- or 3-channel images, the first three bands of multi-band ones (each band "
+        "stretched to its 2-98% range)"
+    )
     norm_pix_loss: bool | None = opt(
         None, "whether the model was trained on per-patch normalised targets; only needed for files that do not "
         "record it (official MAE and Hugging Face checkpoints)"
@@ -59,6 +65,10 @@ class ReconstructSettings:
             raise ConfigError("give --mean and --std together")
         if self.std is not None and min(self.std, default=1) <= 0:
             raise ConfigError(f"--std must be positive (it divides the pixels), got {self.std}")
+        if self.bands is not None and (len(self.bands) not in (1, 3) or min(self.bands) < 0):
+            raise ConfigError(
+                f"--bands takes 1 band (gray) or 3 (R G B), each a 0-based index, got {' '.join(map(str, self.bands))}"
+            )
 
 
 def run(s: ReconstructSettings) -> str:
@@ -68,6 +78,7 @@ def run(s: ReconstructSettings) -> str:
     from openmae.distributed import resolve_device
     from openmae.reconstruction import (
         checkpoint_normalization,
+        display_bands,
         load_reconstruction_model,
         normalize,
         read_image,
@@ -89,11 +100,20 @@ def run(s: ReconstructSettings) -> str:
             f"assuming norm_pix_loss={model.norm_pix_loss} (set --norm-pix-loss true|false)"
         )
     model = model.to(resolve_device(s.device))
+    try:
+        display_bands(model.in_chans, s.bands)
+    except ValueError as e:
+        raise ConfigError(f"--bands: {e}") from None
 
     if s.mean is not None:
         mean, std, source = s.mean, s.std, "--mean/--std"
     elif (found := checkpoint_normalization(s.checkpoint)) is not None:
         (mean, std), source = found, "the checkpoint"
+    elif model.in_chans not in (1, 3):
+        raise ConfigError(
+            f"{s.checkpoint} records no normalisation for its {model.in_chans} bands; pass --mean and --std "
+            f"({model.in_chans} values each: the run's config.yaml data.mean / data.std)"
+        )
     else:
         (mean, std), source = default_normalization(model.in_chans), "the default for this channel count"
 
@@ -115,6 +135,8 @@ def run(s: ReconstructSettings) -> str:
         mean=mean,
         std=std,
     )
+    if s.bands is not None or model.in_chans not in (1, 3):
+        rec = rec.select_bands(s.bands)
     arch = getattr(model, "arch", type(model).__name__)
     heading = f"{arch} ({s.checkpoint}), {s.mask_type} masks, seed {s.seed}"
     written = save_figure(rec, s.out, titles=[p.name for p in paths], heading=heading)

@@ -123,7 +123,7 @@ LIMITS = {
     "num_classes": 1_000_000,
 }
 MAX_STAGES = 8  # entries of a per-stage list (Swin's depths, ConvMAE's widths)
-SWITCHES = ("norm_pix_loss", "mask_token_in_encoder", "qkv_bias", "head_norm", "fc_norm")  # fc_norm: None = auto
+SWITCHES = ("norm_pix_loss", "mask_token_in_encoder", "pixel_head", "qkv_bias", "head_norm", "fc_norm")  # fc_norm: None = auto
 CAN_BE_ZERO = ("depth", "decoder_depth", "depths", "num_classes", "window_size")  # window 0: global attention
 # Sizes that shapes show: a declared value must agree with the tensor that carries it.
 SHAPE_KEYS = ("embed_dim", "in_chans", "patch_size", "mlp_ratio", "decoder_embed_dim")

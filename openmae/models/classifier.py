@@ -33,6 +33,7 @@ MAE_ONLY_ARGS = (
     "decoder_num_heads",
     "norm_pix_loss",
     "mask_token_in_encoder",
+    "pixel_head",
     "mask_type",
     "mask_ratio",
 )

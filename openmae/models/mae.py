@@ -51,12 +51,21 @@ def add_decoder(
     model.decoder_pred = nn.Linear(decoder_embed_dim, model.patch_size * model.patch_size * model.in_chans)
 
 
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean over removed patches of the per-patch MSE, in fp32. pred, target: (N, L, P); mask: (N, L), 1 = removed."""
+    loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (N, L) per patch
+    mask = mask.float()
+    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 @dataclass
 class MAEOutput:
-    loss: Tensor  # () fp32
+    loss: Tensor  # () fp32, what training minimises (with a pixel head: target loss + pixel_loss)
     pred: Tensor  # (N, L, p*p*C) in patchify layout (normalised patches if norm_pix_loss)
     mask: Tensor  # (N, L), 1 = removed
     ids_restore: Tensor  # (N, L)
+    pixel_pred: Tensor | None = None  # (N, L, p*p*C): the pixel head's readout, in the input's space
+    pixel_loss: Tensor | None = None  # () fp32: its MSE on removed patches
 
 
 class MAEObjective:
@@ -119,10 +128,7 @@ class MAEObjective:
 
         images: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 1 = removed.
         """
-        loss = (pred.float() - self.target(images)) ** 2
-        loss = loss.mean(dim=-1)  # (N, L) per-patch
-        mask = mask.float()
-        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+        return masked_mse(pred, self.target(images), mask)
 
     def forward(
         self,
@@ -146,6 +152,10 @@ class MaskedAutoencoder(MAEObjective, ViTEncoder):
         mask_token_in_encoder: the paper's Table 1c variant; mask tokens replace removed patches
             inside the encoder, which then sees all L tokens (about 3x the encoder FLOPs).
         mask_type: default sampler when no ``noise``/``mask`` is given: random, block or grid.
+        pixel_head: a second linear head on the decoder's output that reads out raw (un-normalised)
+            pixels, trained on removed patches from *detached* decoder features: it shapes nothing
+            else, so the encoder learns exactly what it would without it, and a norm-pix model can
+            show its predictions as images (``openmae reconstruct`` uses it). Costs one linear layer.
     """
 
     def __init__(
@@ -165,6 +175,7 @@ class MaskedAutoencoder(MAEObjective, ViTEncoder):
         mask_token_in_encoder: bool = False,
         mask_type: str = "random",
         attn_impl: str = "auto",
+        pixel_head: bool = False,
     ):
         config = model_config(locals())
         super().__init__(
@@ -184,6 +195,9 @@ class MaskedAutoencoder(MAEObjective, ViTEncoder):
             self, embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_eps, attn_impl,
             cls_token=True, mask_token=not mask_token_in_encoder,
         )
+        self.pixel_head = pixel_head
+        if pixel_head:
+            self.decoder_pred_pixel = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -227,6 +241,11 @@ class MaskedAutoencoder(MAEObjective, ViTEncoder):
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """latent (N, 1 + len_keep, D), ids_restore (N, L) -> pred (N, L, p*p*C)."""
+        return self.decoder_pred(self.decoder_features(latent, ids_restore))
+
+    def decoder_features(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
+        """latent (N, 1 + len_keep, D), ids_restore (N, L) -> the decoder's normed output (N, L, Dd),
+        cls dropped: what the prediction heads read."""
         x = self.decoder_embed(latent)  # (N, 1 + len_keep, Dd)
         if not self.mask_token_in_encoder:
             n, t, dd = x.shape
@@ -238,8 +257,25 @@ class MaskedAutoencoder(MAEObjective, ViTEncoder):
         x = x + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:, :]  # drop cls
+        return self.decoder_norm(x[:, 1:, :])  # drop cls (the norm and heads act per token)
+
+    def forward(
+        self,
+        images: Tensor,
+        mask_ratio: float = 0.75,
+        noise: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> MAEOutput:
+        if not self.pixel_head:
+            return super().forward(images, mask_ratio, noise, mask)
+        latent, mask, ids_restore = self.forward_encoder(images, mask_ratio, noise, mask)
+        features = self.decoder_features(latent, ids_restore)  # (N, L, Dd)
+        pred = self.decoder_pred(features)
+        # detached: the readout learns from the decoder, never the other way round
+        pixel_pred = self.decoder_pred_pixel(features.detach())
+        loss = self.forward_loss(images, pred, mask)
+        pixel_loss = masked_mse(pixel_pred, self.patchify(images.float()), mask)
+        return MAEOutput(loss + pixel_loss, pred, mask, ids_restore, pixel_pred=pixel_pred, pixel_loss=pixel_loss)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token", "encoder_mask_token", "decoder_pos_embed"}
