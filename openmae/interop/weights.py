@@ -36,6 +36,7 @@ DECODER_PREFIXES = (
     "decoder_blocks.",
     "decoder_norm.",
     "decoder_pred.",
+    "decoder_pred_pixel.",
 )
 CLASSIFIER_PREFIXES = ("head.", "fc_norm.")
 # What only reconstruction needs: MAE's decoder, and ConvMAE's fusion of the early stages into it.
