@@ -67,15 +67,26 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
 def save_training_state(
     path: str | os.PathLike,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     info: dict[str, Any],
     rng: dict[str, Tensor] | None = None,
     scaler: dict[str, Any] | None = None,
+    *,
+    model_state: dict[str, Tensor] | None = None,
 ) -> None:
-    """One atomic safetensors file with everything needed to resume."""
+    """One atomic safetensors file with everything needed to resume.
+
+    Args:
+        optimizer: the optimizer, or its state dict (state keyed by parameter position, as
+            ``optimizer.state_dict()`` gives it).
+        model_state: the model's weights when ``model`` does not hold them whole (gathered from
+            FSDP's shards); default ``model.state_dict()``. ``model`` still gives the record.
+    """
     model = unwrap(model)
-    tensors = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    state = model.state_dict() if model_state is None else model_state
+    tensors = {MODEL_PREFIX + k: v for k, v in state.items()}
+    optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    opt_tensors, opt_meta = _flatten_optimizer(optim_state)
     tensors.update(opt_tensors)
     tensors.update({f"rng/{k}": v for k, v in (rng or {}).items()})
     meta = {

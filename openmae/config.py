@@ -406,6 +406,15 @@ class TrainConfig:
         "has a cls token, else avg)", choices=("auto", "token", "avg"),
     )
     compile: bool = opt(False, "torch.compile the model")
+    strategy: str = opt(
+        "ddp", "how processes under torchrun share the model: ddp (each holds all of it) or fsdp (FSDP2: weights, "
+        "gradients and optimizer state sharded, each block gathered as it runs); one process ignores it",
+        choices=("ddp", "fsdp"),
+    )
+    activation_checkpointing: bool = opt(
+        False, "recompute each transformer block's activations in the backward pass instead of keeping them: "
+        "less memory, about a third more compute; same gradients",
+    )
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:

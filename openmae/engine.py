@@ -12,25 +12,26 @@ Why the setup runs in the order it does (wrapping happens here, never inside mod
    hands it over. Everything after needs it: the model goes to this rank's device, DDP needs the
    process group to broadcast rank 0's weights, the loader needs the rank to pick its shard. Built
    outside, it is shared with evaluation, and constructing a Trainer never joins a process group.
-2. Seed, move the plain model to the device, and build the optimizer over the plain module's
-   parameter groups, before any wrapping: the groups are named and ordered by the plain module, so
-   the optimizer state in a checkpoint lines up whatever wraps the model (and fused AdamW decides
-   from the parameters' device when it is built, so they must be there already).
-3. Resume into the plain module, optimizer, scaler and RNG, still before wrapping: checkpoint keys
-   are the plain module's (no ``module.`` / ``_orig_mod.`` prefixes), and DDP, built next, starts
-   every rank from the restored weights.
-4. Optional ``torch.compile`` of the plain module, then DDP around it. The compiled graph is the same
-   on one process or many and holds no collectives, and DDP outermost gives ``no_sync`` for
-   accumulation. The cost: the gradient all-reduce starts once the compiled backward is done instead
-   of overlapping it bucket by bucket (as compiling the DDP wrapper would let it).
+2. Seed, move the plain model to the device and load the resumed weights into it, before any
+   wrapping: checkpoint keys are the plain module's (no ``module.`` / ``_orig_mod.`` prefixes), DDP
+   starts every rank from the restored weights, and FSDP shards them (each rank keeps its slice).
+3. Wrap, in the one place that does it (:func:`openmae.distributed.parallelize`, which explains its
+   order): activation checkpointing, then ``torch.compile``, then DDP or FSDP's ``fully_shard``.
+4. Build the optimizer over the task's parameter groups, named and ordered by the plain module, so
+   the optimizer state in a checkpoint lines up whatever wraps the model. It comes after wrapping
+   because FSDP replaces the parameters with sharded ones; fused AdamW decides from the parameters'
+   device when it is built, and they are there already. Then the rest of the resumed state:
+   optimizer (sharded under FSDP), scaler, RNG.
 5. Only the training forward goes through the wrapper. Checkpoints, ``model.safetensors`` and hooks
-   (evaluation, kNN, reconstructions) use the plain module: what is saved loads into a bare model,
-   and evaluating never triggers DDP's collectives or a recompile.
+   (evaluation, kNN, reconstructions) see the plain module: what is saved loads into a bare model,
+   and evaluating never triggers DDP's collectives or a recompile. Under FSDP, where no rank holds
+   the whole model, checkpoints gather a full state dict to rank 0 (one file, the same as one
+   process or DDP writes, so a run may change strategy or process count when it resumes), and hooks
+   and the export get a full copy gathered on every rank for the occasion.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import platform
 import shlex
@@ -50,7 +51,7 @@ from torch import Tensor
 from openmae import checkpoint as ckpt
 from openmae.config import ConfigError, DataConfig, OptimConfig, TrainConfig
 from openmae.data import BadImageTracker, Batch, build_loader
-from openmae.distributed import DistInfo, all_reduce_sum, barrier, sum_over_ranks, wrap_ddp
+from openmae.distributed import DistInfo, Parallel, all_reduce_sum, barrier, parallelize, sum_over_ranks
 from openmae.interop import save_pretrained
 from openmae.interop.architecture import load_state
 from openmae.io import atomic_write_text, finite_json, json_text
@@ -85,11 +86,13 @@ class RunContext:
     writer: Any = None  # TensorBoard SummaryWriter on the main rank, else None
     epoch: int = 0  # 0-based: the epoch that just ended (or, at the end, the last one run)
     step: int = 0  # optimizer steps taken
+    gathered: nn.Module | None = None  # under FSDP, while hooks run: a full copy of the model
 
     @property
     def model(self) -> nn.Module:
-        """The plain module being trained, on the run's device (never its compiled or DDP wrapper)."""
-        return self.task.model
+        """The plain module being trained, on the run's device (never its compiled, DDP or FSDP form;
+        under FSDP a full copy gathered for the hooks, whose changes are not trained on)."""
+        return self.gathered if self.gathered is not None else self.task.model
 
 
 class Hook(Protocol):
@@ -237,14 +240,20 @@ class CheckpointManager:
             self._resume = (self.folder.resume_checkpoint(self.cfg.resume, self.config),)
         return self._resume[0]
 
-    def restore(self, state: TrainState) -> dict[str, Any] | None:
-        """Load the checkpoint to resume (if any) into ``state`` and the RNG; returns its ``info``."""
+    def load(self, model: nn.Module) -> dict[str, Any] | None:
+        """Read the checkpoint to resume (None if none) and load its weights into the plain ``model``,
+        before anything wraps it; returns the rest of it for :meth:`restore`."""
         path = self.resume_path()
         if path is None:
             return None
         saved = ckpt.load_training_state(path)
-        load_state(state.model, saved["model"], source=str(path))
-        state.optimizer.load_state_dict(saved["optimizer"])
+        load_state(model, saved.pop("model"), source=str(path))
+        return saved
+
+    def restore(self, state: TrainState, saved: dict[str, Any], parallel: Parallel) -> dict[str, Any]:
+        """The rest of what :meth:`load` read, once the model is wrapped and its optimizer built: the
+        optimizer state (each rank's slice under FSDP), scaler, RNG and step; returns its ``info``."""
+        parallel.load_optimizer_state(state.optimizer, saved["optimizer"])
         if saved["scaler"]:
             state.scaler.load_state_dict(saved["scaler"])
         ckpt.set_rng_state(saved["rng"], self.runtime.device)
@@ -259,14 +268,17 @@ class CheckpointManager:
             return True
         return epoch_end is not None and ((epoch_end + 1) % self.cfg.save_every == 0 or epoch_end + 1 == self.cfg.epochs)
 
-    def save(self, state: TrainState, epoch: int, final_loss: float) -> None:
+    def save(self, state: TrainState, parallel: Parallel, epoch: int, final_loss: float) -> None:
         """Save after the optimizer step ``state.step``, taken in the 0-based ``epoch``; ``final_loss``:
-        the last logged mean loss, for the summary of a run resumed at its end."""
+        the last logged mean loss, for the summary of a run resumed at its end. Every rank calls it
+        (under FSDP all take part in gathering the state)."""
+        model_state, optim_state = parallel.state_dicts(state.optimizer)
         if self.runtime.is_main:
             info = {"step": state.step, "epoch": epoch + 1, "config": self.config, "final_loss": finite_json(final_loss)}
             path = self.out_dir / ckpt.checkpoint_name(state.step)
             rng = ckpt.rng_state(self.runtime.device)
-            ckpt.save_training_state(path, state.model, state.optimizer, info, rng, state.scaler.state_dict())
+            ckpt.save_training_state(path, state.model, optim_state, info, rng, state.scaler.state_dict(),
+                                     model_state=model_state)
             ckpt.prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
         barrier(self.runtime.dist)
 
@@ -411,7 +423,7 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 class Trainer:
     """Run a task for ``train.epochs`` epochs: AdamW (or the task's optimizer), warmup + cosine,
-    accumulation, optional clipping, mixed precision, DDP, logging, hooks and atomic, resumable
+    accumulation, optional clipping, mixed precision, DDP or FSDP, logging, hooks and atomic, resumable
     checkpoints.
 
     Args:
@@ -456,26 +468,30 @@ class Trainer:
         seed_everything(cfg.seed)
         schedule = self.schedule()
         model = self.task.model.to(runtime.device)
-        state = TrainState(model, self.build_optimizer(schedule.peak_lr), runtime.precision.scaler())
-        resumed = self.checkpoints.restore(state) or {}
-        if state.step >= schedule.stop_step:
-            finished = self.checkpoints.folder.finished_summary(state.step)
+        saved = self.checkpoints.load(model)
+        start = int(saved["info"]["step"]) if saved else 0
+        if start >= schedule.stop_step:
+            finished = self.checkpoints.folder.finished_summary(start)
             if finished is not None:  # nothing to do: its outputs stay as they are
                 self.already_finished = True
                 if runtime.is_main:
-                    self._report_finished(schedule, state.step)
+                    self._report_finished(schedule, start)
                 barrier(runtime.dist)
                 return finished
         if runtime.is_main:
-            if resumed:
-                print(f"resuming from {self.checkpoints.resume_path()} at step {state.step}/{schedule.total_steps}",
+            if saved:
+                print(f"resuming from {self.checkpoints.resume_path()} at step {start}/{schedule.total_steps}",
                       file=sys.stderr)
-            self.checkpoints.folder.prepare(state.step)
+            self.checkpoints.folder.prepare(start)
             write_run_files(self.out_dir, self.config, runtime.dist)
             self._announce(schedule)
         barrier(runtime.dist)
 
-        train_model = wrap_ddp(torch.compile(model) if cfg.compile else model, runtime.dist, runtime.device)
+        parallel = parallelize(model, runtime.dist, runtime.device, strategy=cfg.strategy, compile=cfg.compile,
+                               activation_checkpointing=cfg.activation_checkpointing,
+                               param_dtype=runtime.precision.dtype)
+        state = TrainState(model, self.build_optimizer(schedule.peak_lr), runtime.precision.scaler())
+        resumed = self.checkpoints.restore(state, saved, parallel) if saved else {}
         logger = MetricsLogger(self.out_dir, runtime, schedule, log_every=cfg.log_every, start_step=state.step,
                                progress=cfg.progress, label=getattr(self.task, "name", "pretrain"),
                                final_loss=resumed.get("final_loss"))
@@ -490,7 +506,7 @@ class Trainer:
             model.train()
             logger.new_window()
             while state.step < schedule.stop_step:
-                result = self.train_step(train_model, batches, epoch, state.scaler)
+                result = self.train_step(parallel, batches, epoch, state.scaler)
                 logger.add(result)
                 if not result.complete:
                     break  # images failed to load and the loader ran dry: the gradients carry over
@@ -500,22 +516,27 @@ class Trainer:
                 if state.step % schedule.steps_per_epoch == 0:
                     break  # the epoch's steps are done: a trailing partial accumulation is dropped
                 if self.checkpoints.due(state.step, schedule):
-                    self.checkpoints.save(state, epoch, logger.final_loss)
+                    self.checkpoints.save(state, parallel, epoch, logger.final_loss)
             batches.close()  # stops this epoch's loader workers before the hooks start theirs
             if state.step > 0 and state.step % schedule.steps_per_epoch == 0:
                 ctx.step = state.step
+                if self.hooks:
+                    ctx.gathered = parallel.full_model() if parallel.sharded else None
                 logger.epoch_end(epoch, state.step, self._call_hooks("on_epoch_end", ctx))
+                ctx.gathered = None
                 if self.checkpoints.due(state.step, schedule, epoch_end=epoch):
-                    self.checkpoints.save(state, epoch, logger.final_loss)
+                    self.checkpoints.save(state, parallel, epoch, logger.final_loss)
 
         ctx.step = state.step
         summary = self._summary(schedule, state, logger, tracker)
+        ctx.gathered = parallel.full_model() if parallel.sharded else None
         summary.update(self._call_hooks("on_train_end", ctx))
         if runtime.is_main:
             export = getattr(self.task, "export", None) or save_pretrained
-            export(model, self.out_dir / "model.safetensors")
+            export(ctx.model, self.out_dir / "model.safetensors")
             atomic_write_text(self.out_dir / "summary.json", json_text(summary, indent=2) + "\n")
             report_bad_images(summary["bad_images"])
+        ctx.gathered = None
         logger.close()
         barrier(runtime.dist)
         return summary
@@ -594,16 +615,18 @@ class Trainer:
         return Batch(torch.zeros(b, c, size, size), index, index.clone(), failed=[])
 
     def train_step(
-        self, model: nn.Module, batches: Iterator[tuple[Batch, float]], epoch: int, scaler: torch.amp.GradScaler
+        self, parallel: Parallel, batches: Iterator[tuple[Batch, float]], epoch: int, scaler: torch.amp.GradScaler
     ) -> StepResult:
         """Forward and backward over the next ``train.accum_steps`` micro-batches, summing gradients.
 
         Each loss is divided by ``accum_steps``: the summed gradient is that of the mean loss, as
         one batch ``accum_steps`` times bigger would give. Under DDP all but the last micro-batch run
-        in ``no_sync``, so gradients are all-reduced once a step, not once a micro-batch. A micro-batch
-        of weight 0 (its images failed to load) adds nothing: skipped when empty, else (DDP) its loss
-        is multiplied by 0 so that this rank still takes part in the forward's and backward's collectives.
+        in ``no_sync``, so gradients are all-reduced once a step, not once a micro-batch (FSDP
+        reduce-scatters each one, see :meth:`Parallel.no_sync`). A micro-batch of weight 0 (its images
+        failed to load) adds nothing: skipped when empty, else (DDP, FSDP) its loss is multiplied by 0
+        so that this rank still takes part in the forward's and backward's collectives.
         """
+        model = parallel.module
         accum, runtime = self.cfg.accum_steps, self.runtime
         result = StepResult([], 0, complete=False)
         for i in range(accum):
@@ -613,8 +636,7 @@ class Trainer:
             batch, weight = item
             if not len(batch):
                 continue
-            defer_sync = runtime.dist.enabled and i < accum - 1
-            with model.no_sync() if defer_sync else contextlib.nullcontext():
+            with parallel.no_sync(defer=i < accum - 1):
                 with runtime.autocast():
                     loss = self.task(model, _to_device(batch, runtime.device), epoch)["loss"]
                 scaler.scale(loss / accum if weight else loss * 0.0).backward()

@@ -27,7 +27,9 @@ from openmae.io import atomic_write_text, stale_temp_files
 # - train.max_steps only says where this invocation stops: the schedule spans train.epochs, so
 #   raising it continues the same run (and stopping at 5 then going on gives a straight run's weights).
 # - train.device and train.compile say how the same computation is run: a run moved to another
-#   machine must be able to resume (its later steps then round like that machine does).
+#   machine must be able to resume (its later steps then round like that machine does). So do
+#   train.strategy (checkpoints are one full file whatever wrote them) and train.activation_checkpointing
+#   (the same gradients, recomputed: tested).
 # - data.num_workers does not change a batch (each sample's transform is seeded by (seed, epoch,
 #   index)); data.max_bad_fraction is a stop threshold.
 # - eval.every / eval.batch_size: held-out evaluation in eval mode, beside training; eval.only never trains.
@@ -35,6 +37,7 @@ from openmae.io import atomic_write_text, stale_temp_files
 #   RNG after, so the weights are the same with it on or off (tested).
 HARMLESS = frozenset({
     "train.output_dir", "train.resume", "train.max_steps", "train.device", "train.compile",
+    "train.strategy", "train.activation_checkpointing",
     "train.save_every", "train.save_every_steps", "train.keep_checkpoints",
     "train.log_every", "train.progress", "train.recon_every", "train.recon_images",
     "train.knn_every", "train.knn_limit", "train.knn_k", "train.knn_pool",
