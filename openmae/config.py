@@ -36,6 +36,7 @@ from openmae.masking import MASK_TYPES
 from openmae.models.classifier import GLOBAL_POOLS  # noqa: F401  (the protocols' settings read it here)
 
 AUGMENTATIONS = ("rrc", "crop", "none", "rrc_jitter")
+DECODERS = ("fast", "exact")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -276,19 +277,36 @@ class ModelConfig:
 class DataConfig:
     name: str = opt(
         "fashion-mnist",
-        "dataset: fashion-mnist, digits (scikit-learn), or folder (set --data PATH)",
+        "dataset: fashion-mnist, digits (scikit-learn), folder (set --data PATH), or shards (webdataset tars written "
+        "by `openmae shard`; --data DST)",
         alias="--dataset",
     )
-    path: str | None = opt(None, "image folder (or a folder of Fashion-MNIST IDX files)", alias="--data")
+    path: str | None = opt(
+        None, "image folder, folder of shards (`openmae shard`), or folder of Fashion-MNIST IDX files", alias="--data"
+    )
     img_size: int = opt(28, "training resolution in pixels", alias="--img-size")
     channels: int | None = opt(
-        None, "image channels (1 or 3); default 1 for the grayscale built-ins (3 repeats the gray), 3 for folders"
+        None, "image channels: 1 or 3, or any number of bands for folders of multi-band .tif/.tiff/.npy files; "
+        "default 1 for the grayscale built-ins (3 repeats the gray), 3 for folders"
     )
     augment: str = opt("rrc", "rrc: RandomResizedCrop+flip; crop: fixed-size crop+flip; none; rrc_jitter", choices=AUGMENTATIONS)
     crop_scale: list[float] = opt([0.2, 1.0], "RandomResizedCrop area range")
-    mean: list[float] | None = opt(None, "per-channel normalisation mean (default: the dataset's)")
-    std: list[float] | None = opt(None, "per-channel normalisation std (default: the dataset's)")
+    mean: list[float] | None = opt(
+        None, "per-channel normalisation mean (default: the dataset's; multi-band folders: computed from the data)"
+    )
+    std: list[float] | None = opt(
+        None, "per-channel normalisation std (default: the dataset's; multi-band folders: computed from the data)"
+    )
     num_workers: int = opt(2, "data-loading processes per rank")
+    decode: str = opt(
+        "fast",
+        "JPEG decoding in folders: fast (libjpeg-turbo; at 1/2-1/8 scale when the crop keeps the output's resolution) "
+        "or exact (PIL at full size, as before)",
+        choices=DECODERS,
+    )
+    shuffle_buffer: int = opt(
+        1000, "shards: samples each loader worker shuffles among as it streams its shards (1: the shards' own order)"
+    )
     limit: int | None = opt(None, "use only the first N images (quick runs)")
     max_bad_fraction: float = opt(0.05, "stop when more than this fraction of images fail to load")
     max_image_pixels: int | None = opt(
@@ -299,9 +317,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_types(self, "data")
         if self.path is not None and self.name == "fashion-mnist" and not _looks_like_idx_dir(self.path):
-            self.name = "folder"  # `--data DIR` alone means an image folder
-        if self.name not in ("fashion-mnist", "digits", "folder"):
-            raise ConfigError(f"data.name must be fashion-mnist, digits or folder, got {self.name!r}")
+            # `--data DIR` alone means an image folder, or the shards `openmae shard` wrote there
+            self.name = "shards" if _looks_like_shards(self.path) else "folder"
+        if self.name not in ("fashion-mnist", "digits", "folder", "shards"):
+            raise ConfigError(f"data.name must be fashion-mnist, digits, folder or shards, got {self.name!r}")
         if self.name == "digits" and self.path is not None:
             raise ConfigError(
                 f"data.path {self.path} is set but data.name is digits, which is built in and reads no files; "
@@ -313,13 +332,34 @@ class DataConfig:
             if not Path(self.path).is_dir():
                 what = "is a file, not a folder" if Path(self.path).exists() else "does not exist"
                 raise ConfigError(f"data.path {self.path} {what}; pass --data a folder of images")
+        if self.name == "shards":
+            if self.path is None or not Path(self.path).is_dir():
+                what = "needs a path" if self.path is None else f"path {self.path} is not a folder"
+                raise ConfigError(f"data.name=shards {what}: pass --data the folder `openmae shard` wrote")
+            if self.channels not in (None, 1, 3):
+                raise ConfigError(
+                    f"data.channels {self.channels}: shards hold 1- or 3-channel images (JPEG, PNG, ...); "
+                    "train multi-band images from their folder (--data DIR)"
+                )
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1 sample (1: no shuffling), got {self.shuffle_buffer}")
         if self.img_size < 1:
             raise ConfigError(f"data.img_size must be positive, got {self.img_size}")
         check_choices(self, "data")  # augment, as this class or a protocol's subclass declares it
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if self.channels not in (None, 1, 3):
-            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        if self.channels is not None and self.channels < 1:
+            raise ConfigError(f"data.channels must be a number of bands >= 1, got {self.channels}")
+        if self.channels not in (None, 1, 3) and self.name != "folder":
+            raise ConfigError(
+                f"data.channels {self.channels} needs a folder of multi-band .tif/.tiff/.npy images (--data DIR); "
+                f"{self.name} has 1 channel (or 3 repeating it)"
+            )
+        if self.augment == "rrc_jitter" and self.num_channels() not in (1, 3):
+            raise ConfigError(
+                f"data.augment rrc_jitter (colour jitter) needs 1- or 3-channel images, but data.channels is "
+                f"{self.channels}; use --data.augment rrc"
+            )
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1, got {self.limit}")
         if self.num_workers < 0:
@@ -342,11 +382,16 @@ class DataConfig:
     def num_channels(self) -> int:
         if self.channels is not None:
             return self.channels
-        return 3 if self.name == "folder" else 1
+        return 3 if self.name in ("folder", "shards") else 1
 
 
 def _looks_like_idx_dir(path: str) -> bool:
     return Path(path).is_dir() and any(Path(path).glob("train-images-idx3-ubyte*"))
+
+
+def _looks_like_shards(path: str) -> bool:
+    """A folder ``openmae shard`` wrote: its index.json beside tar files (openmae.shards reads and checks them)."""
+    return (Path(path) / "index.json").is_file() and any(Path(path).glob("*.tar"))
 
 
 @dataclass
@@ -393,6 +438,10 @@ class TrainConfig:
     resume: str | None = opt("auto", "checkpoint to resume: a path, 'auto' (latest in output dir) or 'none'", alias="--resume")
     recon_every: int = opt(1, "reconstruct fixed held-out images every N epochs (0: never)")
     recon_images: int = opt(8, "how many held-out images those figures show")
+    recon_bands: list[int] | None = opt(
+        None, "the channels those figures show, 0-based: 3 as R G B or 1 as gray (default: all of 1- or 3-channel "
+        "images, the first three bands of multi-band ones)"
+    )
     knn_every: int = opt(
         0, "pretraining: kNN top-1 of the encoder on the labelled held-out split every N epochs and after the last "
         "(knn/top1 in metrics.jsonl, TensorBoard and summary.json); 0: off",
@@ -430,6 +479,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0 ({off}), got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1 (null: run every epoch), got {self.max_steps}")
+        if self.recon_bands is not None and (len(self.recon_bands) not in (1, 3) or min(self.recon_bands) < 0):
+            raise ConfigError(
+                f"train.recon_bands takes 1 band (gray) or 3 (R G B), each a 0-based index, got {self.recon_bands}"
+            )
         if self.knn_limit is not None and self.knn_limit < 1:
             raise ConfigError(f"train.knn_limit must be >= 1 images (null: every image), got {self.knn_limit}")
         if not 0 <= self.seed < 2**63:
@@ -644,17 +697,27 @@ def _parse_entries(text: str) -> dict:
     """One token of a mapping flag: ``KEY=VALUE`` (VALUE read as YAML) or a YAML mapping ``{k: v}``."""
     key, sep, value = text.partition("=")
     if sep and key.strip().isidentifier():
-        parsed = yaml.safe_load(value)
+        parsed = _yaml_token(value, text)
         if isinstance(parsed, str):  # YAML 1.1 reads 1e-6 as a string
             try:
                 parsed = float(parsed)
             except ValueError:
                 pass
         return {key.strip(): parsed}
-    mapping = yaml.safe_load(text)
+    mapping = _yaml_token(text, text)
     if not isinstance(mapping, dict):
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE or a mapping like {{k: v}}, got {text!r}")
     return mapping
+
+
+def _yaml_token(value: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:  # argparse reports ArgumentTypeError as one usage line
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not valid YAML ({_yaml_problem(e)}); quote the whole mapping, e.g. \"{{k: v, k2: v2}}\", "
+            "or pass KEY=VALUE"
+        ) from None
 
 
 class _Items(argparse.Action):

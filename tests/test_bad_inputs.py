@@ -295,3 +295,14 @@ def test_the_largest_mask_ratio_named_keeps_a_patch_and_is_the_largest(length):
     if above < 1 and int(length * (1 - above)) < 1:
         with pytest.raises(ValueError, match=f"keeps none of the model's {length} patches.*at most {ratio}"):
             num_kept(length, above)
+
+
+@pytest.mark.parametrize("token", ["{patch_size:", "a=[1", "{a: b"])
+def test_a_mapping_flag_that_is_not_yaml_is_one_usage_line(capsys, token):
+    from openmae.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--model.kwargs", token])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "is not valid YAML" in err and "quote the whole mapping" in err
