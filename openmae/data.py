@@ -43,6 +43,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from openmae import bands
 from openmae.config import ConfigError, DataConfig
 from openmae.transforms import build_transform, eval_transform
 
@@ -59,7 +60,7 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy")
 
 # Normalisation defaults, per channel of the stored images.
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -163,9 +164,16 @@ def _too_large(width: int, height: int, limit: int) -> BadImageError:
 def decode_image(path: str | os.PathLike, channels: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Tensor:
     """Decode one file to a uint8 (C, H, W) tensor, upright per its EXIF.
 
+    Multi-band files (``.npy`` arrays, and TIFFs when ``channels`` is not 1 or 3) are read by
+    :func:`openmae.bands.read_bands`: float32 on the [0, 1] scale for multi-band images.
     An image of more than ``max_pixels`` pixels (None: no limit) is refused from its header, before
     any pixel is decoded. Raises :class:`BadImageError` saying why a file cannot be used.
     """
+    if bands.is_band_file(path, channels):
+        try:
+            return bands.read_bands(path, channels, max_pixels)
+        except bands.BandFileError as e:
+            raise BadImageError(str(e)) from None
     try:
         with _pil_pixel_limit(None):  # reads the header only: the size is known before anything is decoded
             im = Image.open(path)
@@ -275,7 +283,8 @@ class ImageDataset(Dataset):
         self.epoch = epoch
 
     def load(self, index: int) -> Tensor | None:
-        """The untransformed uint8 (C, H, W) image; None if its file cannot be decoded."""
+        """The untransformed (C, H, W) image, uint8 (float32 for multi-band data);
+        None if its file cannot be decoded."""
         if self.paths is not None:
             return load_image(self.paths[index], self.channels, self.max_pixels)
         image = torch.tensor(self.images[index])  # a copy: transforms must never write into the array
@@ -538,13 +547,15 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = True, s
     share one index space). Otherwise every label is -1 and ``classes`` is empty.
 
     Normalisation defaults: Fashion-MNIST 0.2860/0.3530; digits 0.3055/0.3759 (its train split's
-    pixel statistics); folders ImageNet's, averaged over RGB for 1-channel folders.
+    pixel statistics); folders ImageNet's, averaged over RGB for 1-channel folders; multi-band folders
+    (``channels`` other than 1 or 3) their own per-band statistics, from a seeded sample of the
+    training files (:func:`openmae.bands.band_statistics`), whichever split is asked for.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     channels = cfg.num_channels()
-    if channels not in (1, 3):
-        raise ValueError(f"data.channels must be 1 or 3, got {channels}")
+    if channels < 1 or (channels not in (1, 3) and cfg.name != "folder"):
+        raise ValueError(f"data.channels must be 1 or 3 for {cfg.name} (any count >= 1 for folders), got {channels}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"data.limit must be a positive number of images, got {cfg.limit}")
     if cfg.name == "fashion-mnist":
@@ -555,6 +566,10 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = True, s
         source = _image_folder(cfg.path, split, cfg.limit)
     else:
         raise ValueError(f"unknown dataset {cfg.name!r}; expected fashion-mnist, digits or folder")
+    if channels not in (1, 3) and (cfg.mean is None or cfg.std is None):
+        train_paths = source.paths if split == "train" else _image_folder(cfg.path, "train", cfg.limit).paths
+        mean, std = bands.band_statistics(train_paths, channels, cfg.max_image_pixels)
+        source = source._replace(mean=mean, std=std)
     mean = _per_channel(cfg.mean if cfg.mean is not None else source.mean, channels, "mean", cfg.mean is not None)
     std = _per_channel(cfg.std if cfg.std is not None else source.std, channels, "std", cfg.std is not None)
     if min(std) <= 0:

@@ -43,13 +43,14 @@ class ReconstructionHook:
         self.mask_ratio, self.mask_type = cfg.model.mask_ratio, cfg.model.mask_type
         self.every = cfg.train.recon_every
         self.seed = cfg.train.seed
+        self.bands = cfg.train.recon_bands
 
     def on_epoch_end(self, ctx: RunContext) -> None:
         epoch = ctx.epoch + 1
         if ctx.runtime.is_main and epoch % self.every == 0:
             log_reconstructions(ctx.model, self.images.to(ctx.runtime.device), ctx.writer, ctx.out_dir, epoch,
                                 self.mean, self.std, mask_ratios=self.mask_ratio, mask_type=self.mask_type,
-                                seed=self.seed)
+                                seed=self.seed, bands=self.bands)
 
 
 class LossCurvePlot:

@@ -39,7 +39,7 @@ HARMLESS = frozenset({
     "train.output_dir", "train.resume", "train.max_steps", "train.device", "train.compile",
     "train.strategy", "train.activation_checkpointing",
     "train.save_every", "train.save_every_steps", "train.keep_checkpoints",
-    "train.log_every", "train.progress", "train.recon_every", "train.recon_images",
+    "train.log_every", "train.progress", "train.recon_every", "train.recon_images", "train.recon_bands",
     "train.knn_every", "train.knn_limit", "train.knn_k", "train.knn_pool",
     "data.num_workers", "data.max_bad_fraction",
     "eval.every", "eval.batch_size", "eval.only",

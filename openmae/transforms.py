@@ -15,6 +15,7 @@ is a pure function of (seed, epoch, index).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from openmae.config import DataConfig
+from openmae.config import ConfigError, DataConfig
 from openmae.eval_config import FinetuneSettings
 from openmae.patches import to_2tuple
 
@@ -64,7 +65,7 @@ def build_transform(
 
 def resize_center_crop(image: Tensor, size: int | tuple[int, int]) -> Tensor:
     """uint8 (C, H, W) -> float (C, *size) pixels in [0, 1]: resized (bicubic) to cover ``size``,
-    then centre-cropped."""
+    then centre-cropped. A float image (multi-band data, already on the [0, 1] scale) keeps its values."""
     th, tw = to_2tuple(size)
     h, w = image.shape[-2:]
     scale = max(th / h, tw / w)  # cover the target, then crop the middle
@@ -72,7 +73,8 @@ def resize_center_crop(image: Tensor, size: int | tuple[int, int]) -> Tensor:
         image, [max(th, round(h * scale)), max(tw, round(w * scale))],
         interpolation=v2.InterpolationMode.BICUBIC, antialias=True,
     )
-    return v2.functional.center_crop(resized, [th, tw]).float() / 255.0
+    cropped = v2.functional.center_crop(resized, [th, tw])
+    return cropped.float() / 255.0 if cropped.dtype == torch.uint8 else cropped.float()  # float: multi-band data
 
 
 @contextlib.contextmanager
@@ -110,8 +112,22 @@ class PILTransform:
         return f"PILTransform({self.transform})"
 
 
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0) -> PILTransform:
-    """Resize the shorter side to ``img_size / crop_pct`` (bicubic), center-crop ``img_size``, normalise."""
+def eval_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0, channels: int | None = None
+) -> PILTransform | v2.Compose:
+    """Resize the shorter side to ``img_size / crop_pct`` (bicubic), center-crop ``img_size``, normalise.
+
+    1 or 3 channels (``channels``, default ``len(mean)``): timm's transform on PIL images. Other band
+    counts, which PIL cannot hold: the same steps on tensors (uint8 or float32 input).
+    """
+    if (channels or len(mean)) not in (1, 3):
+        scale_size = math.floor(img_size / crop_pct)  # as timm computes it
+        return v2.Compose([
+            v2.Resize(scale_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(img_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ])
     from timm.data import create_transform
 
     t = create_transform(
@@ -131,7 +147,8 @@ def finetune_transform(
 ) -> PILTransform:
     """The fine-tuning recipe from timm's pieces: RandomResizedCrop(``data.crop_scale``, bicubic)
     + flip + RandAugment (``settings.auto_augment``) + normalise + random erasing
-    (``settings.reprob``, per-pixel noise). ``data.augment == "none"`` turns all of it off."""
+    (``settings.reprob``, per-pixel noise). ``data.augment == "none"`` turns all of it off.
+    Multi-band images (not 1 or 3 channels) get the same steps on tensors, without RandAugment."""
     from timm.data import create_transform
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.transforms import str_to_pil_interp
@@ -139,6 +156,21 @@ def finetune_transform(
 
     if data.augment == "none":
         return eval_transform(data.img_size, mean, std)
+    if len(mean) not in (1, 3):  # PIL cannot hold the bands: the tensor steps, without RandAugment
+        if settings.auto_augment:
+            raise ConfigError(
+                f"finetune.auto_augment (RandAugment) works on 1- or 3-channel images, not {len(mean)} bands; "
+                "pass --rand-augment none (crops, flips and random erasing stay)"
+            )
+        return v2.Compose([
+            v2.RandomResizedCrop(
+                data.img_size, scale=tuple(data.crop_scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+            v2.RandomErasing(p=settings.reprob, value="random"),  # per-pixel noise, as timm's re_mode="pixel"
+        ])
     crop_flip, _, to_tensor = create_transform(
         data.img_size,
         is_training=True,

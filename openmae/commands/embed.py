@@ -70,6 +70,7 @@ def run(s: EmbedSettings) -> str:
 
 def _normalization(checkpoint: str | None, channels: int) -> tuple[list[float], list[float]]:
     """The checkpoint's training normalisation (its metadata, or its run's config.yaml), else defaults."""
+    from openmae.config import ConfigError
     from openmae.data import default_normalization
     from openmae.reconstruction import checkpoint_normalization
 
@@ -77,6 +78,11 @@ def _normalization(checkpoint: str | None, channels: int) -> tuple[list[float], 
         found = checkpoint_normalization(checkpoint)
         if found is not None:
             return found
+    if channels not in (1, 3):
+        raise ConfigError(
+            f"{checkpoint or 'a random encoder'} records no normalisation for its {channels} bands; pass --mean and "
+            f"--std ({channels} values each: the pretraining run's config.yaml data.mean / data.std)"
+        )
     mean, std = default_normalization(channels)
     return list(mean), list(std)
 
@@ -131,9 +137,10 @@ def embed_folder(
     channels = int(arch_cfg["in_chans"])
     size = img_size or arch_cfg["img_size"]
     size = size if isinstance(size, int) else int(size[0])
-    default_mean, default_std = _normalization(checkpoint, channels)
-    mean, std = mean or default_mean, std or default_std
-    transform = eval_transform(size, mean, std, crop_pct)
+    if not (mean and std):
+        default_mean, default_std = _normalization(checkpoint, channels)
+        mean, std = mean or default_mean, std or default_std
+    transform = eval_transform(size, mean, std, crop_pct, channels=channels)
     dataset = ImageDataset([-1] * len(files), transform, channels, mean, std, paths=[str(f) for f in files])
 
     runtime = Runtime.create(device, precision)

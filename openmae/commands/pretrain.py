@@ -29,8 +29,14 @@ def check_pretrain(cfg: PretrainConfig) -> None:
     model's grid (the number of patches depends on the model and the image size, so the settings
     alone cannot say)."""
     from openmae.masking import largest_mask_ratio, num_kept
+    from openmae.reconstruction import display_bands
 
     check_output_dir(cfg.train.output_dir, "train.output_dir")
+    if cfg.train.recon_bands is not None:
+        try:
+            display_bands(cfg.data.num_channels(), cfg.train.recon_bands)
+        except ValueError as e:
+            raise ConfigError(f"train.recon_bands: {e}") from None
     model = _shapes_only(cfg)
     if cfg.model.mask_type == "grid":  # removes 3 of every 4 patches whatever the ratio
         return
