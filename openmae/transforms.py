@@ -144,7 +144,7 @@ RAND_AUGMENT_MAX_MAGNITUDE = 9.99
 
 def finetune_transform(
     data: DataConfig, settings: FinetuneSettings, mean: Sequence[float], std: Sequence[float]
-) -> PILTransform:
+) -> PILTransform | v2.Compose:
     """The fine-tuning recipe from timm's pieces: RandomResizedCrop(``data.crop_scale``, bicubic)
     + flip + RandAugment (``settings.auto_augment``) + normalise + random erasing
     (``settings.reprob``, per-pixel noise). ``data.augment == "none"`` turns all of it off.
