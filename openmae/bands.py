@@ -179,9 +179,13 @@ def to_unit_range(array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32)
     if kind in "ui":
         info = np.iinfo(array.dtype)
-        if kind == "u":
-            return (array.astype(np.float64) / info.max).astype(np.float32)
-        return ((array.astype(np.float64) - info.min) / (float(info.max) - info.min)).astype(np.float32)
+        # float32 holds every 8- and 16-bit value exactly, so those scale in float32 (half the memory traffic)
+        work = np.float32 if array.dtype.itemsize <= 2 else np.float64
+        out = array.astype(work)
+        if kind == "i":
+            out -= work(info.min)
+        out *= work(1.0 / (float(info.max) - info.min))
+        return out.astype(np.float32, copy=False)
     if kind == "f":
         out = array.astype(np.float32)
         if not np.isfinite(out).all():

@@ -37,6 +37,7 @@ from openmae.commands import (
     recipes,
     reconstruct,
     segment,
+    sweep,
 )
 from openmae.config import PretrainConfig, add_config_args, config_from_args
 from openmae.eval_config import FinetuneConfig, KNNConfig, LinprobeConfig
@@ -90,6 +91,10 @@ COMMANDS: dict[str, Command] = {
     "detect": Command(
         detect.DetectConfig, detect.run, "fine-tune a pretrained encoder for detection / instance segmentation (mAP)",
         detect.DESCRIPTION, detect.EXAMPLES,
+    ),
+    "sweep": Command(
+        sweep.SweepConfig, sweep.run, "vary one setting: pretrain per value, evaluate, compare with baselines",
+        sweep.DESCRIPTION, sweep.EXAMPLES,
     ),
     "embed": Command(
         embed.EmbedSettings, embed.run, "features of a folder of images, to safetensors or .npy", embed.DESCRIPTION,
