@@ -37,6 +37,7 @@ from openmae.commands import (
     recipes,
     reconstruct,
     segment,
+    shard,
     sweep,
 )
 from openmae.config import PretrainConfig, add_config_args, config_from_args
@@ -99,6 +100,10 @@ COMMANDS: dict[str, Command] = {
     "embed": Command(
         embed.EmbedSettings, embed.run, "features of a folder of images, to safetensors or .npy", embed.DESCRIPTION,
         embed.EXAMPLES,
+    ),
+    "shard": Command(
+        shard.ShardSettings, shard.run, "write an image folder as webdataset tar shards, to stream in training",
+        shard.DESCRIPTION, shard.EXAMPLES,
     ),
 }
 
