@@ -420,19 +420,19 @@ class ShardReader:
         name, start = self.shards[shard].name, self.starts[shard]
         path = self.root / name
         done = 0
+        problem = f"{path} holds fewer samples than {INDEX_NAME} records (truncated or replaced?)"
         try:
             with tarfile.open(path, "r:") as tar:
                 for k, (key, info) in enumerate(_images(tar)):
                     if k < wanted[done]:
                         continue
                     if key != sample_key(start + k):
-                        raise OSError(self._mismatch(name, key, start + k))
-                    data = tar.extractfile(info).read()
-                    yield k, data
+                        problem = self._mismatch(name, key, start + k)
+                        break
+                    yield k, tar.extractfile(info).read()
                     done += 1
                     if done == len(wanted):
                         return
-            problem = f"{path} holds fewer samples than {INDEX_NAME} records (truncated or replaced?)"
         except (OSError, tarfile.TarError, EOFError) as e:
             problem = f"{path}: {getattr(e, 'strerror', None) or e}"
         for k in wanted[done:]:

@@ -234,9 +234,18 @@ def test_bad_images_inside_shards_are_counted_and_named(tmp_path):
     assert summary["failed_loads"] == 1
     assert summary["bad_files"] == [f"{tmp_path / 'dst' / 'train-000000.tar'}:000000002"]
 
+    # a shard replaced by another: its samples are bad images, saying why
+    first, second = tmp_path / "dst" / "train-000000.tar", tmp_path / "dst" / "train-000001.tar"
+    first_bytes = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    ds = build_dataset(DataConfig(path=str(tmp_path / "dst"), img_size=8, num_workers=0))
+    assert ds[0][0] is None and "holds sample 000000003 where index.json expects 000000000" in ds.failure_reason(0)
+    failed = [i for b in build_loader(ds, batch_size=3, seed=0) for i in b.failed]
+    assert sorted(failed) == [0, 1, 2]
+    first.write_bytes(first_bytes)
+
     # a shard cut short: its missing samples are bad images, saying why; the others still load
-    tar = tmp_path / "dst" / "train-000001.tar"
-    tar.write_bytes(tar.read_bytes()[:2000])
+    second.write_bytes(second.read_bytes()[:2000])
     ds = build_dataset(DataConfig(path=str(tmp_path / "dst"), img_size=8, num_workers=0))
     assert ds[3][0] is not None and ds[5][0] is None
     assert ds.failure_reason(5).startswith("cannot be read: ") and "train-000001.tar" in ds.failure_reason(5)
