@@ -399,7 +399,7 @@ def test_encoder_from_a_checkpoint_with_a_learned_table(tmp_path):
     wide = build_dense_encoder(path, img_size=(32, 64))
     expected = resample_pos_embed(encoder.pos_embed, (8, 8), (8, 16), prefix=1)
     torch.testing.assert_close(wide.pos_embed, expected)
-    assert any("fitted to 8x16" in note for note in wide.load_report.notes)
+    assert any("pos_embed resampled from 8x8 to 8x16" in note for note in wide.load_report.notes)
 
 
 def test_convvit_encoder_from_a_convmae_checkpoint_at_another_size(tmp_path):

@@ -34,7 +34,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from openmae.dense.heads import HEADS
-from openmae.dense.pyramid import VIT_SCALE_FACTORS, Pyramid, ViTPyramid, build_pyramid, resample_pos_embed
+from openmae.dense.pyramid import VIT_SCALE_FACTORS, Pyramid, ViTPyramid, build_pyramid
 from openmae.eval_config import EncoderConfig
 from openmae.interop.classifier import ClassifierLayout, build_classifier, encoder_config, read_encoder
 from openmae.models import create_model, list_models
@@ -69,7 +69,7 @@ def build_dense_encoder(
             Hugging Face, timm), whose decoder and head are dropped.
         img_size: the dense task's image size, int or (H, W); default the checkpoint's (or the
             variant's). A checkpoint's position table is recomputed for the new grid (fixed sin-cos)
-            or resampled bicubically (learned); see :func:`~openmae.dense.pyramid.resample_pos_embed`.
+            or resampled bicubically (learned) as every load does (:mod:`openmae.interop`).
         in_chans: image channels; default the checkpoint's. Others are refused.
         arch: the architecture, for files that do not record it (official ConvMAE: ``convvit_base_patch16``).
         drop_path_rate: stochastic depth (the papers fine-tune with 0.1-0.3 for dense tasks).
@@ -107,42 +107,9 @@ def build_dense_encoder(
     _, cfg = encoder_config(model_cfg, weights)
     size = to_2tuple(img_size if img_size is not None else cfg["img_size"])
     chans = in_chans if in_chans is not None else cfg.get("in_chans", 3)
-    # interop refuses a learned or non-square table of another grid; fit it after building instead
-    table = weights.state.pop("pos_embed", None)
-    layout = ClassifierLayout(num_classes=0, fc_norm=False)
-    model = build_classifier(model_cfg, weights, layout, img_size=size, in_chans=chans)
-    if table is not None:
-        _load_position_table(model, table, weights)
-    return model
-
-
-def _load_position_table(model: nn.Module, table: Tensor, weights) -> None:
-    """Copy a checkpoint's position table into ``model``, resampled to the model's grid."""
-    own = model.pos_embed
-    prefix = model.num_prefix_tokens
-    rows = table.shape[-2] - prefix
-    dst = tuple(model.grid_size)
-    if rows == dst[0] * dst[1]:
-        src = dst
-    elif "img_size" in weights.config:
-        trained = to_2tuple(weights.config["img_size"])
-        src = (trained[0] // model.patch_size, trained[1] // model.patch_size)
-    else:
-        side = int(round(rows**0.5))
-        if side * side != rows:
-            raise ValueError(
-                f"{weights.source}: pos_embed holds {rows} grid rows, not a square grid, and the file does not "
-                "record its image size; save the checkpoint with openmae (which records it)"
-            )
-        src = (side, side)
-    new = resample_pos_embed(table.reshape(1, -1, table.shape[-1]), src, dst, prefix)
-    with torch.no_grad():
-        own.copy_(new.reshape(own.shape).to(own))
-    report = getattr(model, "load_report", None)
-    if report is not None:
-        report.loaded = sorted({*report.loaded, "pos_embed"})
-        if src != dst:
-            report.notes.append(f"pos_embed: the file's {src[0]}x{src[1]} grid fitted to {dst[0]}x{dst[1]}")
+    # the one loading path fits the position table to the new grid (and notes it in the load report)
+    return build_classifier(model_cfg, weights, ClassifierLayout(num_classes=0, fc_norm=False), img_size=size,
+                            in_chans=chans)
 
 
 # -- parameter groups ------------------------------------------------------------------------------
