@@ -225,7 +225,7 @@ def test_bad_arguments_are_refused():
 
 def test_pixel_head_is_a_readout_that_changes_nothing_else():
     torch.manual_seed(0)
-    plain = openmae.create_model("mae_vit_micro_patch4", norm_pix_loss=True)
+    plain = openmae.create_model("mae_vit_micro_patch4", norm_pix_loss=True, pixel_head=False)
     torch.manual_seed(0)
     headed = openmae.create_model("mae_vit_micro_patch4", norm_pix_loss=True, pixel_head=True)
     headed.load_state_dict(plain.state_dict(), strict=False)
@@ -500,3 +500,14 @@ def test_cli_end_to_end_on_a_photo(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "reconstruction needs the decoder; this checkpoint holds the encoder only" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_file_without_a_pixel_head_loads_without_one(tmp_path):
+    # files written before the option existed (or with it off) record nothing about it; the CPU default
+    # variant now has a head, so the loader must follow the tensors, not the variant's default
+    plain = openmae.create_model("mae_vit_micro_patch4", pixel_head=False)
+    openmae.save_pretrained(plain, tmp_path / "plain.safetensors")
+    assert openmae.load_pretrained(tmp_path / "plain.safetensors").pixel_head is False
+    headed = openmae.create_model("mae_vit_micro_patch4")
+    openmae.save_pretrained(headed, tmp_path / "headed.safetensors")
+    assert openmae.load_pretrained(tmp_path / "headed.safetensors").pixel_head is True

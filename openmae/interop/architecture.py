@@ -312,6 +312,7 @@ def infer_architecture(
         cfg = {**weights.config, **overrides}
         check_config(cfg, weights, overrides)
         _check_record(weights, overrides)
+        _pixel_head(weights.arch, cfg, weights)
         return weights.arch, cfg, []
     if is_swin_state(weights.state):
         arch, cfg, notes = _swin_architecture(weights, overrides)
@@ -349,7 +350,15 @@ def infer_architecture(
         shape_notes = [n for n in shape_notes if not n.startswith("pos_embed")]
     cfg.update(overrides)
     check_config(cfg, weights, overrides)
+    _pixel_head(arch, cfg, weights)
     return arch, cfg, shape_notes + notes
+
+
+def _pixel_head(arch: str, cfg: dict[str, Any], weights: Weights) -> None:
+    """A decoder's pixel head is there when its tensors are, whatever the variant's default says (files
+    written before the option existed record nothing, and the CPU default variant now has one)."""
+    if arch in mae_variants() and "pixel_head" not in cfg and weights.has_decoder:
+        cfg["pixel_head"] = any(k.startswith("decoder_pred_pixel.") for k in weights.state)
 
 
 def _check_record(weights: Weights, overrides: dict[str, Any]) -> None:
