@@ -36,7 +36,7 @@ from openmae.masking import MASK_TYPES
 from openmae.models.classifier import GLOBAL_POOLS  # noqa: F401  (the protocols' settings read it here)
 
 AUGMENTATIONS = ("rrc", "crop", "none", "rrc_jitter")
-DECODERS = ("fast", "exact")
+DECODERS = ("fast", "exact", "gpu")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -300,8 +300,9 @@ class DataConfig:
     num_workers: int = opt(2, "data-loading processes per rank")
     decode: str = opt(
         "fast",
-        "JPEG decoding in folders: fast (libjpeg-turbo; at 1/2-1/8 scale when the crop keeps the output's resolution) "
-        "or exact (PIL at full size, as before)",
+        "JPEG decoding in folders: fast (libjpeg-turbo; at 1/2-1/8 scale when the crop keeps the output's resolution), "
+        "exact (PIL at full size, as before), or gpu (CUDA runs: workers only read the bytes and draw the crop, the "
+        "batch is decoded by nvJPEG and cropped on the GPU; other formats decode as fast)",
         choices=DECODERS,
     )
     shuffle_buffer: int = opt(

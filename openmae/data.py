@@ -1,7 +1,12 @@
 """Datasets, samplers and loaders (the transforms they apply are in openmae.transforms).
 
 Three sources behind one ``ImageDataset``: Fashion-MNIST (IDX files, held in memory as uint8),
-scikit-learn's 8x8 digits (in memory), and image folders (decoded with PIL on access).
+scikit-learn's 8x8 digits (in memory), and image folders (decoded on access: JPEGs by libjpeg-turbo
+after the crop is drawn, at the smallest DCT scale that keeps the output's resolution; other files,
+and every file with ``data.decode exact``, by PIL at full size).
+
+Loaders carry uint8 pixels (``PixelBatch``) and normalise them where the batch lands: a quarter of
+float32's bytes through the workers' shared memory and to the GPU, and the same values.
 
 Determinism contract, relied on by exact resume and by DDP == single-process equality:
 
@@ -25,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import heapq
+import io
 import math
 import os
 import stat
@@ -35,17 +42,19 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
+import simplejpeg
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from openmae import bands
+from openmae import bands, gpu_decode
 from openmae.config import ConfigError, DataConfig
-from openmae.transforms import build_transform, eval_transform
+from openmae.shards import ShardIndex, ShardReader, ShardStream
+from openmae.transforms import DeferredImage, ImageTransform, build_transform, eval_transform, normalize_pixels
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -73,6 +82,7 @@ DATASET_NORMALIZATION = {
     "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
     "digits": (DIGITS_MEAN, DIGITS_STD),
     "folder": (IMAGENET_MEAN, IMAGENET_STD),
+    "shards": (IMAGENET_MEAN, IMAGENET_STD),
 }
 
 DIGITS_TRAIN_FRACTION = 0.8
@@ -161,15 +171,18 @@ def _too_large(width: int, height: int, limit: int) -> BadImageError:
     return BadImageError(f"too large: {width} x {height} pixels > limit {limit}; raise --data.max_image_pixels")
 
 
-def decode_image(path: str | os.PathLike, channels: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Tensor:
+def decode_image(
+    path: str | os.PathLike | BinaryIO, channels: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Tensor:
     """Decode one file to a uint8 (C, H, W) tensor, upright per its EXIF.
 
     Multi-band files (``.npy`` arrays, and TIFFs when ``channels`` is not 1 or 3) are read by
     :func:`openmae.bands.read_bands`: float32 on the [0, 1] scale for multi-band images.
+    ``path`` may also be an open binary file (a sample read from shards), which PIL decodes.
     An image of more than ``max_pixels`` pixels (None: no limit) is refused from its header, before
     any pixel is decoded. Raises :class:`BadImageError` saying why a file cannot be used.
     """
-    if bands.is_band_file(path, channels):
+    if isinstance(path, (str, os.PathLike)) and bands.is_band_file(path, channels):
         try:
             return bands.read_bands(path, channels, max_pixels)
         except bands.BandFileError as e:
@@ -211,6 +224,98 @@ def load_image(
         return None
 
 
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+class JpegImage:
+    """A JPEG's bytes, decoded when a transform asks, by libjpeg-turbo (simplejpeg) at full, 1/2, 1/4 or 1/8
+    scale (a :class:`~openmae.transforms.DeferredImage`).
+
+    At full scale the pixels equal PIL's (the exact path) for RGB and grayscale JPEGs. A colour JPEG read as 1
+    channel gives its luma plane, within a few levels of PIL's RGB -> L. Data libjpeg-turbo refuses or warns
+    about (corrupt data PIL may still decode, or refuse with its reason) goes to ``fallback``, PIL at full size.
+
+    Attributes:
+        size: (H, W) of the upright image at full scale.
+    """
+
+    def __init__(
+        self, data: bytes, stored: tuple[int, int], orientation: int, gray: bool, fallback: Callable[[], Tensor]
+    ) -> None:
+        self.data, self.stored, self.orientation, self.gray, self.fallback = data, stored, orientation, gray, fallback
+        self.size = stored[::-1] if orientation in (5, 6, 7, 8) else stored  # those turn the image by 90 degrees
+
+    def decode(self, reduction: int = 1) -> Tensor:
+        """The upright image, uint8 (C, ceil(H / reduction), ceil(W / reduction)); reduction 1, 2, 4 or 8."""
+        h, w = self.stored
+        scaled = {} if reduction == 1 else {"min_height": -(-h // reduction), "min_width": -(-w // reduction)}
+        try:
+            array = simplejpeg.decode_jpeg(self.data, colorspace="GRAY" if self.gray else "RGB", **scaled)
+        except ValueError:
+            return self.fallback()
+        # A (C, H, W) view of the (H, W, C) array, not a copy: torch's uint8 resize is fastest on channels-last.
+        return _upright(torch.from_numpy(array).permute(2, 0, 1), self.orientation)
+
+
+def _upright(image: Tensor, orientation: int) -> Tensor:
+    """(C, H, W) turned as PIL's ``exif_transpose`` turns an image of this EXIF orientation (1-8)."""
+    if orientation in (5, 6, 7, 8):  # transpose, rotate by 270 or by 90 degrees, transverse: all swap H and W
+        image = image.transpose(-1, -2)
+    flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
+    return image.flip(flips) if flips else image
+
+
+def jpeg_image(
+    data: bytes, channels: int, max_pixels: int | None, fallback: Callable[[], Tensor]
+) -> JpegImage | None:
+    """``data`` as a :class:`JpegImage` when it is an RGB or grayscale JPEG within ``max_pixels``; None otherwise
+    (another format, CMYK, too large, an unreadable header): the caller decodes it with PIL, which says why it fails."""
+    if channels not in (1, 3) or not data.startswith(JPEG_SIGNATURE):
+        return None
+    try:
+        with _pil_pixel_limit(None), Image.open(io.BytesIO(data)) as im:  # the header only
+            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+                return None
+            width, height = im.size
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)  # EXIF, or XMP, as exif_transpose reads it
+    except Exception:  # noqa: BLE001 -- whatever PIL raises on this header, it raises again on the exact path
+        return None
+    if max_pixels is not None and width * height > max_pixels:
+        return None
+    orientation = orientation if orientation in range(1, 9) else 1
+    return JpegImage(data, (height, width), orientation, channels == 1, fallback)
+
+
+def open_image(
+    path: str | os.PathLike, channels: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Tensor | JpegImage:
+    """A JPEG file (by its suffix and signature) as a :class:`JpegImage` that decodes when the transform has
+    drawn its crop; any other file decoded now by :func:`decode_image`, which raises :class:`BadImageError`."""
+    exact = functools.partial(decode_image, path, channels, max_pixels)
+    if Path(path).suffix.lower() not in JPEG_SUFFIXES:
+        return exact()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return exact()  # it says why
+    return jpeg_image(data, channels, max_pixels, exact) or exact()
+
+
+def open_shard_sample(
+    reader: ShardReader, index: int, channels: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, fast: bool = True
+) -> Tensor | JpegImage:
+    """Sample ``index`` of webdataset shards (:class:`~openmae.shards.ShardReader`), as :func:`open_image` opens
+    a file (``fast``) or :func:`decode_image` decodes one; raises :class:`BadImageError` saying why it cannot be used."""
+    try:
+        data = reader.read(index)
+    except OSError as e:
+        raise BadImageError(f"cannot be read: {e}") from None
+    exact = functools.partial(decode_image, io.BytesIO(data), channels, max_pixels)
+    return (fast and jpeg_image(data, channels, max_pixels, exact)) or exact()
+
+
 # -- dataset -----------------------------------------------------------------------------------
 
 
@@ -221,7 +326,8 @@ class ImageDataset(Dataset):
     normalised with ``mean``/``std``, or ``None`` when the file could not be decoded (the index
     travels with it so that ``collate`` can report which file); label an int, -1 if unlabelled.
     Nothing is remembered about failures here: loader workers are separate processes, so
-    :meth:`failure_reason` decodes a failed file again to say why.
+    :meth:`failure_reason` decodes a failed file again to say why. :meth:`sample` with
+    ``normalize=False`` gives the image before normalisation (what loaders carry).
 
     Attributes:
         classes: class names, index = label; [] when unlabelled.
@@ -231,6 +337,9 @@ class ImageDataset(Dataset):
         mean, std: the normalisation, ``channels`` floats each.
         seed, epoch: with the index, these seed each sample's transform (see ``set_epoch``).
         max_pixels: files with more pixels than this are refused before decoding (None: no limit).
+        decode: "fast": JPEG files reach an :class:`~openmae.transforms.ImageTransform` undecoded
+            (:class:`JpegImage`), to decode at the scale its crop needs; "exact": PIL decodes every file in full;
+            "gpu": as fast, except that loaders carry JPEGs undecoded to the device (:class:`EncodedBatch`).
     """
 
     def __init__(
@@ -246,8 +355,13 @@ class ImageDataset(Dataset):
         classes: Sequence[str] = (),
         seed: int = 0,
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode: str = "fast",
+        shards: ShardReader | None = None,
     ) -> None:
-        """Exactly one of ``images`` ((N, H, W) grayscale or (N, H, W, C) uint8) and ``paths``."""
+        """Exactly one of ``images`` ((N, H, W) grayscale or (N, H, W, C) uint8) and ``paths``; with ``shards``
+        the samples are read from webdataset shards, ``paths`` naming them (``SHARD.tar:KEY``)."""
+        if decode not in ("fast", "exact", "gpu"):
+            raise ValueError(f"decode must be 'fast', 'exact' or 'gpu', got {decode!r}")
         if (images is None) == (paths is None):
             raise ValueError("ImageDataset needs exactly one of images= (an in-memory array) or paths= (files)")
         if images is not None and (
@@ -270,6 +384,8 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.max_pixels = max_pixels
+        self.decode = decode
+        self.shards = shards
 
     @property
     def num_classes(self) -> int:
@@ -285,6 +401,10 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> Tensor | None:
         """The untransformed (C, H, W) image, uint8 (float32 for multi-band data);
         None if its file cannot be decoded."""
+        if self.shards is not None:
+            with contextlib.suppress(BadImageError):
+                return open_shard_sample(self.shards, index, self.channels, self.max_pixels, fast=False)
+            return None
         if self.paths is not None:
             return load_image(self.paths[index], self.channels, self.max_pixels)
         image = torch.tensor(self.images[index])  # a copy: transforms must never write into the array
@@ -298,21 +418,46 @@ class ImageDataset(Dataset):
         if self.paths is None:
             return "could not be loaded"
         try:
-            decode_image(self.paths[index], self.channels, self.max_pixels)
+            if self.shards is not None:
+                open_shard_sample(self.shards, index, self.channels, self.max_pixels, fast=False)
+            else:
+                decode_image(self.paths[index], self.channels, self.max_pixels)
         except BadImageError as e:
             return str(e)
         return "failed once, loads now (a transient read error?)"
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, int]:
+        return self.sample(index)
+
+    def sample(self, index: int, normalize: bool = True) -> tuple[Tensor | None, int, int]:
+        """``dataset[index]``; with ``normalize=False`` and an :class:`~openmae.transforms.ImageTransform` the
+        image comes before its normalisation (uint8), for :func:`collate_pixels` to normalise on the device."""
         index = int(index)
-        image = self.load(index)
-        if image is not None:
-            with torch.random.fork_rng(devices=[]):
-                # Only the CPU generator: transforms draw from it, and torch.manual_seed would also
-                # seed every accelerator, at ~100x the cost.
-                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
-                image = self.transform(image)
+        transform = self.transform
+        if not normalize and isinstance(transform, ImageTransform):
+            transform = transform.pixels
+            if self.decode == "gpu":  # a JPEG leaves undecoded, with its drawn crop (EncodedBatch decodes it)
+                transform = functools.partial(gpu_decode.encode, self.transform)
+        with torch.random.fork_rng(devices=[]):
+            # Only the CPU generator: transforms draw from it, and torch.manual_seed would also
+            # seed every accelerator, at ~100x the cost.
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+            try:  # a JpegImage decodes inside the transform, after the crop is drawn
+                image = transform(self._open(index))
+            except BadImageError:
+                image = None
         return image, int(self.labels[index]), index
+
+    def _open(self, index: int) -> Tensor | DeferredImage:
+        """What the transform gets: an in-memory image, a decoded file, or a JPEG it decodes itself."""
+        if self.shards is not None:
+            fast = self.decode in ("fast", "gpu") and isinstance(self.transform, ImageTransform)
+            return open_shard_sample(self.shards, index, self.channels, self.max_pixels, fast)
+        if self.paths is None:
+            return self.load(index)
+        if self.decode in ("fast", "gpu") and isinstance(self.transform, ImageTransform):
+            return open_image(self.paths[index], self.channels, self.max_pixels)
+        return decode_image(self.paths[index], self.channels, self.max_pixels)
 
 
 # -- sources -----------------------------------------------------------------------------------
@@ -325,6 +470,7 @@ class _Source(NamedTuple):
     std: tuple[float, ...]
     images: np.ndarray | None = None
     paths: list[str] | None = None
+    shards: ShardReader | None = None  # webdataset shards; paths then name their samples
 
 
 def read_idx(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
@@ -522,6 +668,13 @@ def _image_folder(path: str, split: str, limit: int | None) -> _Source:
     return _Source(labels, classes, IMAGENET_MEAN, IMAGENET_STD, paths=[str(f) for f in files])
 
 
+def _shards(path: str, split: str, limit: int | None, shuffle_buffer: int) -> _Source:
+    """A split of the shards ``openmae shard`` wrote (the test split is their ``val``), labelled as its folder was."""
+    reader = ShardIndex.read(path).reader("train" if split == "train" else "val", limit, shuffle_buffer)
+    labels = np.asarray(reader.labels, dtype=np.int64)
+    return _Source(labels, reader.classes, IMAGENET_MEAN, IMAGENET_STD, paths=reader.names(), shards=reader)
+
+
 def _per_channel(values: Sequence[float], channels: int, what: str, user_given: bool) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)
     if len(values) == channels:
@@ -564,8 +717,10 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = True, s
         source = _digits(split, cfg.limit)
     elif cfg.name == "folder":
         source = _image_folder(cfg.path, split, cfg.limit)
+    elif cfg.name == "shards":
+        source = _shards(cfg.path, split, cfg.limit, cfg.shuffle_buffer)
     else:
-        raise ValueError(f"unknown dataset {cfg.name!r}; expected fashion-mnist, digits or folder")
+        raise ValueError(f"unknown dataset {cfg.name!r}; expected fashion-mnist, digits, folder or shards")
     if channels not in (1, 3) and (cfg.mean is None or cfg.std is None):
         train_paths = source.paths if split == "train" else _image_folder(cfg.path, "train", cfg.limit).paths
         mean, std = bands.band_statistics(train_paths, channels, cfg.max_image_pixels)
@@ -585,6 +740,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = True, s
         classes=source.classes,
         seed=seed,
         max_pixels=cfg.max_image_pixels,
+        decode=cfg.decode,
+        shards=source.shards,
     )
 
 
@@ -719,19 +876,142 @@ class Batch:
         )
 
 
-def collate(samples: Sequence[tuple[Tensor | None, int, int]]) -> Batch:
-    """Stack ``ImageDataset`` samples, dropping (and listing in ``failed``) those whose image is None."""
+@dataclass
+class PixelBatch:
+    """A :class:`Batch` as loaders carry it: images still uint8 (a quarter of float32's bytes through the
+    workers' shared memory, pinned memory and the copy to a GPU), normalised where they land.
+
+    ``to(device)`` gives the :class:`Batch` of normalised float32 images on ``device``; ``images``
+    normalises on the CPU, once. Either gives the values the dataset's transform gives per sample.
+    """
+
+    pixels: Tensor  # (N, C, H, W) uint8 (float32 for multi-band data of more than 8 bits), before normalisation
+    labels: Tensor
+    indices: Tensor
+    failed: list[int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    @functools.cached_property
+    def images(self) -> Tensor:
+        """(N, C, H, W) float32, normalised (on the CPU, computed on first use)."""
+        return normalize_pixels(self.pixels, self.mean, self.std)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The normalised batch on ``device``: uint8 crosses to it, the normalisation runs there."""
+        pixels = self.pixels.to(device, non_blocking=non_blocking)
+        return Batch(
+            images=normalize_pixels(pixels, self.mean, self.std),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            indices=self.indices.to(device, non_blocking=non_blocking),
+            failed=self.failed,
+        )
+
+    def pin_memory(self) -> PixelBatch:
+        """Called by DataLoader(pin_memory=True) in its pinning thread."""
+        return dataclasses.replace(
+            self, pixels=self.pixels.pin_memory(), labels=self.labels.pin_memory(), indices=self.indices.pin_memory()
+        )
+
+
+def _stack(samples: Sequence[tuple[Tensor | None, int, int]]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """(images, labels, indices, failed) of the samples; those whose image is None are only listed in failed."""
     good = [s for s in samples if s[0] is not None]
     failed = [int(s[2]) for s in samples if s[0] is None]
     if not good:
         empty = torch.empty(0, dtype=torch.int64)
-        return Batch(torch.empty(0, 0, 0, 0), empty, empty.clone(), failed)
-    return Batch(
-        images=torch.stack([s[0] for s in good]),
+        return torch.empty(0, 0, 0, 0), empty, empty.clone(), failed
+    return (
+        torch.stack([s[0] for s in good]),
+        torch.tensor([s[1] for s in good], dtype=torch.int64),
+        torch.tensor([s[2] for s in good], dtype=torch.int64),
+        failed,
+    )
+
+
+def collate(samples: Sequence[tuple[Tensor | None, int, int]]) -> Batch:
+    """Stack ``ImageDataset`` samples, dropping (and listing in ``failed``) those whose image is None."""
+    return Batch(*_stack(samples))
+
+
+def collate_pixels(
+    samples: Sequence[tuple[Tensor | None, int, int]], mean: Sequence[float], std: Sequence[float]
+) -> PixelBatch:
+    """:func:`collate` for samples before normalisation (``ImageDataset.sample(i, normalize=False)``)."""
+    return PixelBatch(*_stack(samples), tuple(mean), tuple(std))
+
+
+@dataclass
+class EncodedBatch:
+    """A :class:`PixelBatch` whose JPEGs are still encoded (``data.decode gpu``): bytes with each sample's drawn
+    crop, decoded together on a device by :meth:`decoded` (nvJPEG on CUDA; see :mod:`openmae.gpu_decode`).
+
+    ``to(device)`` gives the normalised :class:`Batch` there; ``images`` decodes on the CPU. A JPEG no decoder
+    reads is dropped there and listed in ``failed``, so count failures on the decoded batch.
+    """
+
+    encoded: gpu_decode.EncodedImages
+    labels: Tensor
+    indices: Tensor
+    failed: list[int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def decoded(self, device: torch.device | str) -> PixelBatch:
+        """The batch's uint8 pixels decoded and transformed on ``device``."""
+        pixels, bad = self.encoded.decode(device)
+        keep = torch.tensor(sorted(set(range(len(self))) - set(bad)), dtype=torch.int64)
+        failed = self.failed + self.indices[bad].tolist()
+        return PixelBatch(pixels, self.labels[keep], self.indices[keep], failed, self.mean, self.std)
+
+    @property
+    def images(self) -> Tensor:
+        """(N, C, H, W) float32, normalised, decoded on the CPU."""
+        return self.decoded("cpu").images
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self.decoded(device).to(device, non_blocking=non_blocking)
+
+    def pin_memory(self) -> EncodedBatch:
+        """Called by DataLoader(pin_memory=True) in its pinning thread."""
+        return dataclasses.replace(
+            self, encoded=self.encoded.pin_memory(), labels=self.labels.pin_memory(), indices=self.indices.pin_memory()
+        )
+
+
+def collate_encoded(
+    samples: Sequence[tuple[Tensor | gpu_decode.EncodedImage | None, int, int]], mean: Sequence[float],
+    std: Sequence[float],
+) -> EncodedBatch:
+    """:func:`collate_pixels` for ``data.decode gpu`` samples: JPEGs undecoded, the other images as pixels."""
+    good = [s for s in samples if s[0] is not None]
+    return EncodedBatch(
+        encoded=gpu_decode.EncodedImages.collect([s[0] for s in good]),
         labels=torch.tensor([s[1] for s in good], dtype=torch.int64),
         indices=torch.tensor([s[2] for s in good], dtype=torch.int64),
-        failed=failed,
+        failed=[int(s[2]) for s in samples if s[0] is None],
+        mean=tuple(mean),
+        std=tuple(std),
     )
+
+
+class _PixelSamples(Dataset):
+    """``dataset``'s samples before normalisation; the loader's :class:`PixelBatch` normalises them."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, int]:
+        return self.dataset.sample(index, normalize=False)
 
 
 def build_loader(
@@ -747,8 +1027,14 @@ def build_loader(
     pin_memory: bool = False,
     collate_fn: Callable[[list], Any] | None = None,
 ) -> DataLoader:
-    """A loader for one epoch of one rank: ``ShardedSampler`` order, ``collate``d ``Batch``es of ``batch_size``
-    (or what ``collate_fn`` makes of them: openmae.dense's segmentation and detection batches).
+    """A loader for one epoch of one rank: ``ShardedSampler`` order, batches of ``batch_size``: ``PixelBatch``es
+    (uint8, normalised by ``to(device)`` on the device, or on the CPU by ``.images``, to the values a ``Batch``
+    would hold) when the dataset's transform is openmae's ``ImageTransform`` (``EncodedBatch``es, JPEGs decoded
+    by ``to(device)``, when its ``decode`` is "gpu"), else ``collate``d ``Batch``es, or
+    what ``collate_fn`` makes of the samples (openmae.dense's segmentation and detection batches).
+
+    A dataset read from shards is streamed instead (``shuffle``): each rank and worker reads shards of its own,
+    in the order :func:`openmae.shards.rank_order` gives.
 
     Build one per epoch: the workers are not persistent, so they start with this epoch's
     ``dataset.set_epoch``. The loader never draws from the global RNG (its worker seed comes
@@ -758,8 +1044,23 @@ def build_loader(
     dataset.set_epoch(epoch)
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=shuffle, seed=seed, batch_size=batch_size)
     sampler.set_epoch(epoch, skip_batches)
+    source: Dataset = dataset
+    if collate_fn is None and isinstance(getattr(dataset, "transform", None), ImageTransform):
+        source = _PixelSamples(dataset)
+        pack = collate_encoded if getattr(dataset, "decode", None) == "gpu" else collate_pixels
+        collate_fn = functools.partial(pack, mean=dataset.transform.mean, std=dataset.transform.std)
+    if getattr(dataset, "shards", None) is not None and shuffle:  # streamed: every rank and worker its own shards
+        stream = ShardStream(
+            source.__getitem__, dataset.shards, batch_size=batch_size, world_size=world_size, rank=rank, seed=seed,
+            num_workers=num_workers,
+        )
+        stream.set_epoch(epoch, skip_batches)
+        return DataLoader(
+            stream, batch_size=batch_size, num_workers=stream.workers, collate_fn=collate_fn or collate,
+            pin_memory=pin_memory, drop_last=True,
+        )
     return DataLoader(
-        dataset,
+        source,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
