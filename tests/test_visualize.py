@@ -503,11 +503,10 @@ def test_cli_end_to_end_on_a_photo(tmp_path, capsys):
 
 
 def test_a_file_without_a_pixel_head_loads_without_one(tmp_path):
-    # files written before the option existed (or with it off) record nothing about it; the CPU default
-    # variant now has a head, so the loader must follow the tensors, not the variant's default
+    # files written before the option existed record nothing about it: the loader follows the tensors
     plain = openmae.create_model("mae_vit_micro_patch4", pixel_head=False)
     openmae.save_pretrained(plain, tmp_path / "plain.safetensors")
     assert openmae.load_pretrained(tmp_path / "plain.safetensors").pixel_head is False
-    headed = openmae.create_model("mae_vit_micro_patch4")
+    headed = openmae.create_model("mae_vit_micro_patch4", pixel_head=True)
     openmae.save_pretrained(headed, tmp_path / "headed.safetensors")
     assert openmae.load_pretrained(tmp_path / "headed.safetensors").pixel_head is True

@@ -356,7 +356,7 @@ def infer_architecture(
 
 def _pixel_head(arch: str, cfg: dict[str, Any], weights: Weights) -> None:
     """A decoder's pixel head is there when its tensors are, whatever the variant's default says (files
-    written before the option existed record nothing, and the CPU default variant now has one)."""
+    written before the option existed record nothing about it)."""
     if arch in mae_variants() and "pixel_head" not in cfg and weights.has_decoder:
         cfg["pixel_head"] = any(k.startswith("decoder_pred_pixel.") for k in weights.state)
 

@@ -294,8 +294,7 @@ _VARIANTS = {
     # Small-image variants for CPU runs and the built-in datasets (28 px Fashion-MNIST, 32 px images).
     "mae_vit_tiny_patch4": dict(**_GRAY_28PX, embed_dim=192, depth=6, num_heads=3, **_SMALL_DECODER),
     # The built-in CPU default: a few minutes on 2 cores reach a useful encoder on Fashion-MNIST.
-    # the CPU default: a pixel head so that its norm-pix predictions can be shown as images
-    "mae_vit_micro_patch4": dict(**_GRAY_28PX, embed_dim=128, depth=4, num_heads=4, **_SMALL_DECODER, pixel_head=True),
+    "mae_vit_micro_patch4": dict(**_GRAY_28PX, embed_dim=128, depth=4, num_heads=4, **_SMALL_DECODER),
 }
 for _name, _defaults in _VARIANTS.items():
     register_variant(MaskedAutoencoder, _name, **_defaults)
