@@ -50,7 +50,7 @@ from torch import Tensor
 
 from openmae import checkpoint as ckpt
 from openmae.config import ConfigError, DataConfig, OptimConfig, TrainConfig
-from openmae.data import BadImageTracker, Batch, build_loader
+from openmae.data import BadImageTracker, Batch, EncodedBatch, build_loader
 from openmae.distributed import DistInfo, Parallel, all_reduce_sum, barrier, parallelize, sum_over_ranks
 from openmae.interop import save_pretrained
 from openmae.interop.architecture import load_state
@@ -431,7 +431,7 @@ class Trainer:
         dataset: the training dataset (see openmae.data).
         runtime: device, process group and precision, built by the caller (``Runtime.create``).
         train, optim: the run's settings.
-        data: the data settings the loop reads (``num_workers``, ``max_bad_fraction``).
+        data: the data settings the loop reads (``num_workers``, ``max_bad_fraction``, ``decode``).
         config: the whole resolved config, written next to the outputs and into checkpoints.
         hooks: run at each epoch's end and the run's (see :class:`Hook`).
         collate_fn: how the loader batches samples (default openmae.data's ``collate``); its batches
@@ -457,6 +457,11 @@ class Trainer:
         self.hooks = list(hooks)
         self.collate_fn = collate_fn
         self.out_dir = Path(train.output_dir)
+        if getattr(data, "decode", None) == "gpu" and runtime.device.type != "cuda":  # dense data has no decode
+            raise ConfigError(
+                f"data.decode gpu decodes JPEGs with nvJPEG on a CUDA GPU, but this run's device is "
+                f"{runtime.device.type}; pass --data.decode fast"
+            )
         self.checkpoints = CheckpointManager(self.out_dir, train, runtime, config)
         self.already_finished = False  # fit() found the run finished and left its outputs alone
 
@@ -598,6 +603,8 @@ class Trainer:
         used = len(loader) // accum * accum  # fit() stops before a trailing partial step
         stand_in = None
         for i, batch in enumerate(loader):
+            if isinstance(batch, EncodedBatch):  # data.decode gpu: decoded here, so failures on the device count
+                batch = batch.decoded(self.runtime.device)
             tracker.update(batch)
             if (i + 1) % accum == 0:
                 tracker.check(self.data.max_bad_fraction, epoch_end=i + 1 == used)
@@ -642,7 +649,7 @@ class Trainer:
                 scaler.scale(loss / accum if weight else loss * 0.0).backward()
             if weight:
                 result.losses.append(loss.detach().float())
-                result.images += batch.images.shape[0] * runtime.dist.world_size
+                result.images += len(batch) * runtime.dist.world_size
         result.complete = True
         return result
 
