@@ -234,8 +234,9 @@ def parallelize(
             parameters all-gathered just before it runs and freed after). One process ignores it.
         compile: ``torch.compile``: the whole model under one process and DDP, each block under FSDP.
         activation_checkpointing: recompute block activations in the backward pass.
-        param_dtype: FSDP's mixed precision: the dtype blocks compute in (the run's autocast dtype,
-            None for fp32); gradients are reduced in fp32 and the sharded weights stay fp32.
+        param_dtype: FSDP's mixed precision: the dtype weights are gathered in (the run's autocast
+            dtype, None for fp32), for a forward under that autocast; gradients are reduced in fp32
+            and the sharded weights stay fp32.
 
     The order, and why:
 
@@ -271,10 +272,14 @@ def parallelize(
         return Parallel(plain, model, strategy)
     blocks = transformer_blocks(model)
     if compile:
+        # blocks of one shape share a graph; a block of another shape (the decoder's, a later stage's)
+        # gets its own static one rather than turning the first into a dynamic-shape graph
         for block in blocks:
-            block.forward = torch.compile(block.forward)
+            block.forward = torch.compile(block.forward, dynamic=False)
+    # Inputs are left as they come: the run's autocast casts what each op needs, as without FSDP,
+    # where casting them would round MAE's masking noise to bf16 (other masks) and the residual stream.
     reduce_dtype = torch.float32 if param_dtype is not None else None
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
