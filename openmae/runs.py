@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +116,34 @@ def run_protocol(protocol: str, cfg: FinetuneConfig | LinprobeConfig) -> dict[st
         task, train, runtime, train=cfg.train, optim=cfg.optim, data=cfg.data, config=config, hooks=[evaluation]
     )
     check_resumable(trainer.checkpoints.resume_path(), task.model)
-    summary = trainer.fit()
-    written = Path(cfg.train.output_dir) / "metrics.json"
-    if trainer.already_finished and written.exists():  # its metrics.json stays as it is
-        return json.loads(written.read_text())
-    metrics = {
+    return fit_and_report(trainer, lambda summary: {
         "protocol": protocol,
         **summary["test"],
         "checkpoint": cfg.model.checkpoint,
         **describe_model(task.model),
         "dataset": cfg.data.path or cfg.data.name,
         "trainable_parameters": sum(p.numel() for p in task.model.parameters() if p.requires_grad),
-        "epochs": cfg.train.epochs,
+    })
+
+
+def fit_and_report(trainer: Trainer, describe: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Train, then write ``metrics.json`` (rank 0) and return it: ``describe(summary)`` (what was trained,
+    its held-out figures from the summary) followed by how long it trained (epochs, steps, final_loss,
+    seconds). A run that had already finished keeps the metrics.json it wrote then."""
+    summary = trainer.fit()
+    written = trainer.out_dir / "metrics.json"
+    if trainer.already_finished and written.exists():  # its metrics.json stays as it is
+        return json.loads(written.read_text())
+    metrics = {
+        **describe(summary),
+        "epochs": trainer.cfg.epochs,
         "steps": summary["steps"],
         "final_loss": summary["final_loss"],
         "seconds": summary["seconds"],
         "eval_only": False,
     }
-    if runtime.is_main:
-        write_metrics(cfg.train.output_dir, metrics)
+    if trainer.runtime.is_main:
+        write_metrics(trainer.out_dir, metrics)
     return metrics
 
 
