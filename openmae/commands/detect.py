@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from openmae.commands import dense_summary
 from openmae.config import check_output_dir
 from openmae.dense.config import DetectConfig
 
@@ -29,22 +30,11 @@ EXAMPLES = """examples:
 def run_detect(cfg: DetectConfig) -> dict[str, Any]:
     """Fine-tune (or with ``cfg.eval.only`` evaluate) as configured; returns the metrics written to
     ``metrics.json``: held-out box ``map``, ``map_50``, ... (and ``mask_map`` ... for Mask R-CNN), in percent."""
-    from openmae.dense.runs import run_detect as run_dense_detect
+    from openmae.dense.runs import run_dense
 
     check_output_dir(cfg.train.output_dir, "train.output_dir")
-    return run_dense_detect(cfg)
-
-
-def summary_line(metrics: dict[str, Any], output_dir: str) -> str:
-    def ap(key: str) -> str:
-        return "n/a" if metrics.get(key) is None else f"{metrics[key]:.2f}"
-
-    masks = f", mask mAP {ap('mask_map')} (AP50 {ap('mask_map_50')})" if "mask_map" in metrics else ""
-    return (
-        f"detect: box mAP {ap('map')} (AP50 {ap('map_50')}){masks} on {metrics['images']} held-out images; "
-        f"{output_dir}/metrics.json"
-    )
+    return run_dense("detect", cfg)
 
 
 def run(cfg: DetectConfig) -> str:
-    return summary_line(run_detect(cfg), cfg.train.output_dir)
+    return dense_summary("detect", run_detect(cfg), cfg.train.output_dir)

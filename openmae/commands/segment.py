@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from openmae.commands import dense_summary
 from openmae.config import check_output_dir
 from openmae.dense.config import SegmentConfig
 
@@ -27,21 +28,11 @@ EXAMPLES = """examples:
 def run_segment(cfg: SegmentConfig) -> dict[str, Any]:
     """Fine-tune (or with ``cfg.eval.only`` evaluate) as configured; returns the metrics written to
     ``metrics.json``: held-out ``miou``, ``acc``, ``macc`` and per-class ``iou`` (%), and the run's description."""
-    from openmae.dense.runs import run_segment as run_dense_segment
+    from openmae.dense.runs import run_dense
 
     check_output_dir(cfg.train.output_dir, "train.output_dir")
-    return run_dense_segment(cfg)
-
-
-def summary_line(metrics: dict[str, Any], output_dir: str) -> str:
-    def pct(key: str) -> str:
-        return "n/a" if metrics.get(key) is None else f"{metrics[key]:.2f}%"
-
-    return (
-        f"segment: mIoU {pct('miou')}, pixel accuracy {pct('acc')} on {metrics['images']} held-out images; "
-        f"{output_dir}/metrics.json"
-    )
+    return run_dense("segment", cfg)
 
 
 def run(cfg: SegmentConfig) -> str:
-    return summary_line(run_segment(cfg), cfg.train.output_dir)
+    return dense_summary("segment", run_segment(cfg), cfg.train.output_dir)

@@ -10,7 +10,6 @@ metrics.json and predictions.png; ``--eval-only`` evaluates a saved dense model 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from openmae.hooks import LossCurvePlot
 from openmae.interop.classifier import DEFAULT_CLASSIFIER
 from openmae.models.vit import ViTEncoder
 from openmae.run_folder import RunFolder
-from openmae.runs import write_metrics
+from openmae.runs import fit_and_report, write_metrics
 from openmae.runtime import Runtime
 
 PREDICTIONS = "predictions.png"
@@ -337,25 +336,13 @@ def run_dense(task: str, cfg: SegmentConfig | DetectConfig) -> dict[str, Any]:
         dense_task, train, runtime, train=cfg.train, optim=cfg.optim, data=cfg.data, config=config,
         hooks=[evaluation, LossCurvePlot()], collate_fn=collate_fn(task),
     )
-    summary = trainer.fit()
-    written = Path(cfg.train.output_dir) / "metrics.json"
-    if trainer.already_finished and written.exists():  # its metrics.json stays as it is
-        return json.loads(written.read_text())
-    metrics = {
+    return fit_and_report(trainer, lambda summary: {
         "task": task,
         **summary["val"],
         **describe(task, record, cfg.model.checkpoint, cfg.data),
         "train_images": len(train),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "epochs": cfg.train.epochs,
-        "steps": summary["steps"],
-        "final_loss": summary["final_loss"],
-        "seconds": summary["seconds"],
-        "eval_only": False,
-    }
-    if runtime.is_main:
-        write_metrics(cfg.train.output_dir, metrics)
-    return metrics
+    })
 
 
 def describe(task: str, record: dict[str, Any], checkpoint: str | None, data: DenseData) -> dict[str, Any]:
@@ -414,22 +401,10 @@ def evaluate_saved(task: str, cfg: SegmentConfig | DetectConfig, runtime: Runtim
     return metrics
 
 
-def run_segment(cfg: SegmentConfig) -> dict[str, Any]:
-    """``openmae segment``: see :func:`run_dense`."""
-    return run_dense("segment", cfg)
-
-
-def run_detect(cfg: DetectConfig) -> dict[str, Any]:
-    """``openmae detect``: see :func:`run_dense`."""
-    return run_dense("detect", cfg)
-
-
 __all__ = [
     "DenseEvaluation",
     "draw_predictions",
     "evaluate_dense",
     "evaluate_saved",
     "run_dense",
-    "run_detect",
-    "run_segment",
 ]
