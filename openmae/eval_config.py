@@ -93,11 +93,13 @@ class ProbeEncoderConfig(EncoderConfig):
 
 
 @dataclass
-class EvalSettings:
+class HeldOutEval:
+    """Held-out evaluation beside training, and ``--eval-only`` for a saved model: the protocols' and the
+    dense commands' ``eval`` section, each adding its own fields."""
+
     only: bool = opt(False, "evaluate model.checkpoint (a classifier trained with this protocol) and exit", alias="--eval-only")
     every: int = opt(1, "evaluate on the held-out split every N epochs (0: only at the end)")
     batch_size: int = opt(256, "images per evaluation batch")
-    crop_pct: float = opt(1.0, "evaluation: resize to img_size / crop_pct, then center-crop (ImageNet recipes: 0.875)")
 
     def __post_init__(self) -> None:
         check_types(self, "eval")
@@ -105,6 +107,14 @@ class EvalSettings:
             raise ConfigError(f"eval.every must be >= 0, got {self.every}")
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class EvalSettings(HeldOutEval):
+    crop_pct: float = opt(1.0, "evaluation: resize to img_size / crop_pct, then center-crop (ImageNet recipes: 0.875)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.crop_pct <= 1.0:
             raise ConfigError(f"eval.crop_pct must be in (0, 1], got {self.crop_pct}")
 

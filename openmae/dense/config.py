@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openmae.config import ConfigError, OptimConfig, TrainConfig, check_choices, check_types, opt
+from openmae.config import ConfigError, TrainConfig, check_choices, check_types, opt
 from openmae.dense.data import DATASET_TASKS, DENSE_DATASETS, IGNORE_INDEX
 from openmae.dense.heads import HEADS, NORMS
+from openmae.eval_config import FinetuneOptim, HeldOutEval
 
 DETECTORS = ("faster_rcnn", "mask_rcnn")  # openmae.dense.models.DETECTORS, without importing torchvision's detectors
 DEFAULT_IMG_SIZE = 64  # the fashion-scenes canvas; an ADE20K / COCO image is resized and padded to it
@@ -160,10 +161,10 @@ class DenseData:
 
 
 @dataclass
-class DenseOptim(OptimConfig):
+class DenseOptim(FinetuneOptim):
+    """Fine-tuning's AdamW (its betas and lr floor), with the dense runs' lr, warmup and layer decay."""
+
     base_lr: float = opt(1.6e-2, "lr = base_lr * effective batch / 256 (1e-3 at the default batch 16)", alias="--blr")
-    min_lr: float = opt(1e-6, "floor of the cosine schedule")
-    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     warmup_epochs: float = opt(0.25, "linear warmup length in epochs, then cosine to min_lr (per step)",
                                alias="--warmup-epochs")
     layer_decay: float = opt(
@@ -178,18 +179,13 @@ class DenseOptim(OptimConfig):
 
 
 @dataclass
-class DenseEval:
+class DenseEval(HeldOutEval):
     only: bool = opt(False, "evaluate model.checkpoint (a model saved by this command) and exit", alias="--eval-only")
-    every: int = opt(1, "evaluate on the held-out split every N epochs (0: only at the end)")
     batch_size: int = opt(32, "images per evaluation batch")
     draw: int = opt(8, "held-out images drawn with their predictions in OUTPUT/predictions.png (0: none)")
 
     def __post_init__(self) -> None:
-        check_types(self, "eval")
-        if self.every < 0:
-            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        super().__post_init__()
         if self.draw < 0:
             raise ConfigError(f"eval.draw must be >= 0 (0: no figure), got {self.draw}")
 
