@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 FORMAT_KEY = "openmae"  # safetensors metadata entry holding {arch, config, openmae_version}
+DENSE_KEY = "openmae_dense"  # the entry of a model saved by openmae segment / detect: its record (openmae.dense.tasks)
 WEIGHTS_NAME = "model.safetensors"
 
 # mkstemp's names: the prefix, 8 characters from [a-z0-9_], the suffix; nothing else matches

@@ -4,6 +4,7 @@ at another image size."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 import openmae
 from openmae.dense.models import Segmentor, build_dense_encoder, build_detector, dense_param_groups
 from openmae.dense.pyramid import build_pyramid, resample_pos_embed
+from openmae.dense.tasks import dense_record, save_dense_model
+from openmae.eval_config import EncoderConfig
+from openmae.interop.classifier import ClassifierLayout, build_classifier, read_encoder
 from openmae.patches import sincos_2d
 
 VIT = dict(embed_dim=32, depth=2, num_heads=2)
@@ -417,3 +421,63 @@ def test_build_dense_encoder_refuses_what_it_cannot_build(tmp_path):
         build_dense_encoder(tmp_path / "missing.safetensors")
     encoder = build_dense_encoder("mae_vit_micro_patch4", **VIT)  # a pretraining name picks its encoder
     assert type(encoder).__name__ == "VisionTransformer" and encoder.num_classes == 0
+
+
+# -- a saved dense model as a pretrained encoder ---------------------------------------------------------
+
+
+def saved_dense_model(tmp_path, task: str, encoder):
+    """(path, model): a segment / detect model with a perturbed encoder, saved as the commands save it."""
+    torch.manual_seed(0)
+    if task == "segment":
+        args = dict(num_classes=3, channels=16)
+        model = Segmentor(encoder, **args)
+    else:
+        args = dict(num_classes=3, fpn_channels=16, representation_size=32)
+        model = build_detector(encoder, **args)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p))  # not the initial values, so loading them is seen
+    record = dense_record(task, encoder, args, ["background", "a", "b"], img_size=32, channels=encoder.in_chans,
+                          mean=[0.5], std=[0.25])
+    return save_dense_model(model, record, tmp_path / f"{task}.safetensors"), model
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_a_saved_dense_model_loads_as_its_encoder(tmp_path, task):
+    encoder = vit(4, img_size=32)
+    path, _ = saved_dense_model(tmp_path, task, encoder)
+    loaded = openmae.load_pretrained(path)  # the encoder alone, as the record names it
+    assert openmae.registry.arch_of(loaded) == "vit_micro_patch4" and not loaded.load_report.missing
+    assert loaded.load_report.kind == f"the encoder of a {task} model"
+    assert loaded.state_dict().keys() == encoder.state_dict().keys()
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # a classifier at another size, as `openmae finetune --checkpoint` builds it: blocks loaded, table fitted
+    source = str(path)
+    clf = build_classifier(EncoderConfig(checkpoint=source), read_encoder(source), ClassifierLayout(num_classes=10),
+                           img_size=16, in_chans=1)
+    torch.testing.assert_close(clf.blocks[1].mlp.fc1.weight, encoder.blocks[1].mlp.fc1.weight)
+    torch.testing.assert_close(clf.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
+    assert any("pos_embed resampled from 8x8 to 4x4" in n for n in clf.load_report.notes)
+
+
+def test_a_dense_model_of_a_convvit_loads_as_its_encoder(tmp_path):
+    encoder = convvit(img_size=32)
+    path, _ = saved_dense_model(tmp_path, "segment", encoder)
+    info = openmae.inspect_checkpoint(path)
+    assert info["arch"] == "convvit_tiny_patch16" and not info["missing_encoder"] and not info["unexpected"]
+    loaded = openmae.load_pretrained(path)
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_dense_model_without_one_encoder_is_refused(tmp_path):
+    from openmae.io import DENSE_KEY, write_safetensors
+
+    record = {"task": "segment", "encoder": {"arch": "vit_micro_patch4", "config": {}}}
+    bad = tmp_path / "bad.safetensors"
+    write_safetensors(bad, {"head.weight": torch.zeros(2)}, {DENSE_KEY: json.dumps(record)})
+    with pytest.raises(ValueError, match="encoder cannot be told apart"):
+        openmae.load_pretrained(bad)
+    write_safetensors(bad, {"head.weight": torch.zeros(2)}, {DENSE_KEY: "{not json"})
+    with pytest.raises(ValueError, match="metadata is damaged"):
+        openmae.load_pretrained(bad)

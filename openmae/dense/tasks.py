@@ -30,10 +30,9 @@ from torch import Tensor
 
 from openmae.dense.models import Segmentor, build_detector, dense_param_groups
 from openmae.interop.architecture import load_state
-from openmae.io import WEIGHTS_NAME, read_safetensors, read_safetensors_metadata, unwrap, write_safetensors
+from openmae.io import DENSE_KEY, WEIGHTS_NAME, read_safetensors, read_safetensors_metadata, unwrap, write_safetensors
 from openmae.models import create_model
 
-DENSE_KEY = "openmae_dense"  # safetensors metadata key of a dense model's record
 RECORD_VERSION = 1
 
 

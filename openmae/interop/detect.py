@@ -17,6 +17,7 @@ from openmae.interop.weights import (
     safetensors_header,
     strip_prefix,
 )
+from openmae.io import DENSE_KEY, FORMAT_KEY
 
 KNOWN = "openmae reads openmae, official MAE / ConvMAE / Swin / SimMIM, Hugging Face ViTMAE and timm weights"
 
@@ -28,7 +29,8 @@ def detect_format(path: str | Path) -> str:
 
     Directories: ``config.json`` with ``model_type: vit_mae`` is Hugging Face, one with
     ``architecture`` is timm, one with openmae's ``arch``/``config`` (or training checkpoints) is
-    openmae. Safetensors files: openmae metadata, else the key names. Pickled files: a ``model``
+    openmae. Safetensors files: openmae metadata (a model's record, or a segment / detect model's, read
+    for its encoder), else the key names. Pickled files: a ``model``
     entry is official MAE; a bare state dict is timm (encoder) or official (with a decoder).
     """
     return detect_file(Path(path))[0]
@@ -65,7 +67,7 @@ def detect_file(path: Path) -> tuple[str, Any]:
         return detect_file(weights)[0], None
     if path.suffix == ".safetensors":
         meta, keys = safetensors_header(path)
-        if "openmae" in meta:
+        if FORMAT_KEY in meta or DENSE_KEY in meta:  # a dense model is read for its encoder (native.py)
             return "openmae", None
         if is_hf_state(keys):
             return "hf", None
