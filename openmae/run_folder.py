@@ -35,6 +35,8 @@ from openmae.io import atomic_write_text, stale_temp_files
 # - eval.every / eval.batch_size: held-out evaluation in eval mode, beside training; eval.only never trains.
 # - train.knn_*: the kNN monitor encodes images in eval mode without gradients and restores the global
 #   RNG after, so the weights are the same with it on or off (tested).
+# - eval.draw / detect.score_threshold (segment, detect): how many held-out images predictions.png shows
+#   and the lowest score it draws; the metrics read every detection.
 HARMLESS = frozenset({
     "train.output_dir", "train.resume", "train.max_steps", "train.device", "train.compile",
     "train.strategy", "train.activation_checkpointing",
@@ -42,7 +44,7 @@ HARMLESS = frozenset({
     "train.log_every", "train.progress", "train.recon_every", "train.recon_images", "train.recon_bands",
     "train.knn_every", "train.knn_limit", "train.knn_k", "train.knn_pool",
     "data.num_workers", "data.max_bad_fraction",
-    "eval.every", "eval.batch_size", "eval.only",
+    "eval.every", "eval.batch_size", "eval.only", "eval.draw", "detect.score_threshold",
 })
 OUTPUTS = ("summary.json", "model.safetensors", "metrics.json")  # what a finished run leaves
 SHOWN = 8  # differing settings listed in full; the rest are counted

@@ -12,8 +12,11 @@ from PIL import Image
 
 import openmae
 from openmae.cli import main
+from openmae.config import to_dict
+from openmae.dense.config import DenseEval, DetectConfig, DetectSettings, SegmentConfig
 from openmae.dense.tasks import DENSE_KEY, load_dense_model
 from openmae.io import read_safetensors, read_safetensors_metadata
+from openmae.run_folder import config_differences
 
 # a ViT of 2 blocks, 32 wide, on 32 px scenes (8 x 8 patches of 4 px): each run takes seconds
 TINY_VIT = ["--model", "vit_micro_patch4", "--model.kwargs", "{embed_dim: 32, depth: 2, num_heads: 2}"]
@@ -108,13 +111,40 @@ def test_segment_resumed_run_ends_where_a_straight_one_does(segment_run, tiny_ma
     out = tmp_path / "resumed"
     cli("segment", "--checkpoint", tiny_mae, *QUICK, "--train.max_steps", "3", "--output", out)
     assert metrics_of(out)["steps"] == 3
-    cli("segment", "--checkpoint", tiny_mae, *QUICK, "--output", out)  # auto-resumes from step 3
+    # auto-resumes from step 3; drawing fewer images changes no result, so it may differ
+    cli("segment", "--checkpoint", tiny_mae, *QUICK, "--eval.draw", "2", "--output", out)
     straight, resumed = metrics_of(segment_run), metrics_of(out)
     for key in ("miou", "acc", "iou", "steps"):  # final_loss: the mean over a logging window, cut by the stop
         assert resumed[key] == straight[key], key
     a, _ = read_safetensors(segment_run / "model.safetensors")
     b, _ = read_safetensors(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_drawing_settings_may_change_on_resume_and_nothing_else_of_theirs():
+    segment, detect = to_dict(SegmentConfig()), to_dict(DetectConfig())
+    drawn = to_dict(SegmentConfig(eval=DenseEval(draw=2)))
+    assert config_differences(segment, drawn) == []
+    shown = to_dict(DetectConfig(detect=DetectSettings(score_threshold=0.9)))
+    assert config_differences(detect, shown) == []
+    fewer = to_dict(DetectConfig(detect=DetectSettings(detections_per_image=5)))
+    assert [name for name, *_ in config_differences(detect, fewer)] == ["detect.detections_per_image"]
+
+
+def test_finetune_takes_the_encoder_of_a_segment_run(segment_run, tmp_path):
+    out = tmp_path / "finetune"
+    cli("finetune", "--checkpoint", segment_run, "--dataset", "digits", "--img-size", "16", "--data.limit", "64",
+        "--data.num_workers", "0", "--epochs", "1", "--batch-size", "32", "--train.precision", "fp32",
+        "--train.progress", "false", "--output", out)
+    metrics = metrics_of(out)
+    assert metrics["checkpoint"] == str(segment_run) and metrics["model"] == "vit_micro_patch4"
+    assert metrics["steps"] == 2 and 0 <= metrics["top1"] <= 100
+    # the fine-tuned classifier started from the segment run's encoder: its first blocks moved only a little
+    dense, _ = read_safetensors(segment_run / "model.safetensors")
+    tuned, _ = read_safetensors(out / "model.safetensors")
+    start = dense["backbone.encoder.blocks.0.attn.qkv.weight"]
+    moved = (tuned["blocks.0.attn.qkv.weight"] - start).abs().max()
+    assert moved < 0.1 * start.abs().max()
 
 
 def test_segment_fpn_head_from_random_init(tmp_path):
