@@ -3,9 +3,9 @@
 The reference is what MAE's official code runs: torchvision ``ImageFolder`` (PIL decode, RGB) +
 RandomResizedCrop(scale 0.2-1, bicubic) + flip + ToTensor + Normalize, in a DataLoader. openmae is the
 real ``build_dataset`` / ``build_loader`` path of ``--dataset folder``, up to normalised float32 batches
-(``batch.to("cpu")``, where a GPU run would normalise on the GPU). Both read the same ImageNet-size JPEGs,
-made here from the photos in ``skimage.data`` (random crops resized to 500x375 or 375x500, quality 90),
-with the same number of workers and batch size. Rounds alternate between the pipelines (one epoch
+(``batch.to("cpu")``; ``--uint8`` also times the uint8 batches a GPU run copies and normalises there).
+Both read the same ImageNet-size JPEGs, made here from the photos in ``skimage.data`` (random crops
+resized to 500x375 or 375x500, quality 90), with the same number of workers and batch size. Rounds alternate between the pipelines (one epoch
 each, workers started each epoch, as both do by default), and the medians are compared.
 
 Two measures: images/s of wall time (per worker: divided by the workers), and images per CPU-second of
@@ -95,11 +95,13 @@ def reference_epoch(loader) -> tuple[float, float, int]:
     return timed(images.shape[0] for images, _ in loader)
 
 
-def openmae_epoch(dataset, batch: int, workers: int, epoch: int) -> tuple[float, float, int]:
+def openmae_epoch(dataset, batch: int, workers: int, epoch: int, normalize: bool = True) -> tuple[float, float, int]:
     from openmae.data import build_loader
 
-    # uint8 batches from the workers, normalised here to the float32 (N, C, H, W) the engine receives
-    return timed(len(b.to("cpu")) for b in build_loader(dataset, batch, num_workers=workers, epoch=epoch))
+    # uint8 batches from the workers, normalised here to the float32 (N, C, H, W) the engine receives on a CPU;
+    # normalize=False: the batches as a GPU run copies them (normalised there, by PixelBatch.to)
+    loader = build_loader(dataset, batch, num_workers=workers, epoch=epoch)
+    return timed(len(b.to("cpu")) if normalize else len(b) for b in loader)
 
 
 def fast_vs_exact(root: Path, img_size: int, count: int) -> tuple[float, float]:
@@ -120,13 +122,17 @@ def cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=1024, help="JPEGs to make (one epoch reads them all)")
+    parser.add_argument("--images", type=int, default=2048, help="JPEGs to make (one epoch reads them all)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="loader processes, the same for both pipelines")
     parser.add_argument("--rounds", type=int, default=5, help="epochs of each pipeline, alternating")
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--exact", action="store_true", help="also time openmae with --data.decode exact")
+    parser.add_argument(
+        "--uint8", action="store_true",
+        help="also time openmae's batches as a GPU run receives them: uint8, to be normalised on the GPU",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # the main process only receives (and normalises) batches
 
@@ -146,6 +152,8 @@ def main() -> None:
         variants = {"reference": lambda r: reference_epoch(reference)}
         fast = openmae_dataset(root, args.img_size, args.workers, "fast")
         variants["openmae"] = lambda r: openmae_epoch(fast, args.batch, args.workers, r)
+        if args.uint8:
+            variants["openmae, uint8 batches"] = lambda r: openmae_epoch(fast, args.batch, args.workers, r, False)
         if args.exact:
             exact = openmae_dataset(root, args.img_size, args.workers, "exact")
             variants["openmae, decode exact"] = lambda r: openmae_epoch(exact, args.batch, args.workers, r)

@@ -49,7 +49,7 @@ import simplejpeg
 import torch
 from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from openmae import bands, gpu_decode
 from openmae.config import ConfigError, DataConfig
@@ -270,21 +270,67 @@ def jpeg_image(
     data: bytes, channels: int, max_pixels: int | None, fallback: Callable[[], Tensor]
 ) -> JpegImage | None:
     """``data`` as a :class:`JpegImage` when it is an RGB or grayscale JPEG within ``max_pixels``; None otherwise
-    (another format, CMYK, too large, an unreadable header): the caller decodes it with PIL, which says why it fails."""
+    (another format, CMYK, too large, an unreadable header): the caller decodes it with PIL, which says why it fails.
+
+    The header is read by libjpeg-turbo and the EXIF orientation by :func:`_exif_orientation` (PIL's parse
+    costs a tenth of a decode); PIL reads the orientation only where an XMP packet may hold it.
+    """
     if channels not in (1, 3) or not data.startswith(JPEG_SIGNATURE):
         return None
     try:
-        with _pil_pixel_limit(None), Image.open(io.BytesIO(data)) as im:  # the header only
-            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
-                return None
-            width, height = im.size
-            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)  # EXIF, or XMP, as exif_transpose reads it
-    except Exception:  # noqa: BLE001 -- whatever PIL raises on this header, it raises again on the exact path
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
         return None
-    if max_pixels is not None and width * height > max_pixels:
+    if colorspace not in ("Gray", "YCbCr", "RGB") or (max_pixels is not None and width * height > max_pixels):
         return None
+    orientation = _exif_orientation(data)
+    if orientation is None:
+        try:
+            with _pil_pixel_limit(None), Image.open(io.BytesIO(data)) as im:  # the header only
+                orientation = im.getexif().get(ExifTags.Base.Orientation, 1)  # EXIF, else XMP, as exif_transpose
+        except Exception:  # noqa: BLE001 -- whatever PIL raises on this header, it raises again on the exact path
+            return None
     orientation = orientation if orientation in range(1, 9) else 1
     return JpegImage(data, (height, width), orientation, channels == 1, fallback)
+
+
+def _exif_orientation(data: bytes) -> int | None:
+    """The EXIF orientation tag of a JPEG's APP1 segment; 1 without one; None when PIL must decide (an XMP
+    packet, which PIL also reads, or EXIF this reader does not follow)."""
+    pos, xmp = 2, False
+    try:
+        while data[pos] == 0xFF:
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in (0xD9, 0xDA):  # end of image, start of scan: no more headers
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xE1 and data.startswith(b"Exif\0\0", pos + 4):
+                found = _tiff_orientation(data[pos + 10 : pos + 2 + length])
+                if found != 1:  # a turn, or None: unreadable. 1 may be an absent tag, which XMP may supply
+                    return found
+            xmp = xmp or (marker == 0xE1 and data.startswith(b"http://ns.adobe.com/xap/", pos + 4))
+            pos += 2 + length
+    except IndexError:
+        return None
+    return None if xmp else 1
+
+
+def _tiff_orientation(tiff: bytes) -> int | None:
+    """Tag 0x0112 (a SHORT) of IFD0 of EXIF's TIFF block; 1 when absent; None when unreadable."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return None
+    ifd = int.from_bytes(tiff[4:8], order)
+    for k in range(int.from_bytes(tiff[ifd : ifd + 2], order)):
+        entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
+        if len(entry) < 12:
+            return None
+        if int.from_bytes(entry[:2], order) == 0x0112:
+            return int.from_bytes(entry[8:10], order) if int.from_bytes(entry[2:4], order) == 3 else None
+    return None if ifd + 2 > len(tiff) else 1
 
 
 def open_image(
@@ -925,7 +971,7 @@ def _stack(samples: Sequence[tuple[Tensor | None, int, int]]) -> tuple[Tensor, T
         empty = torch.empty(0, dtype=torch.int64)
         return torch.empty(0, 0, 0, 0), empty, empty.clone(), failed
     return (
-        torch.stack([s[0] for s in good]),
+        default_collate([s[0] for s in good]),  # in a loader worker, stacked straight into shared memory
         torch.tensor([s[1] for s in good], dtype=torch.int64),
         torch.tensor([s[2] for s in good], dtype=torch.int64),
         failed,
@@ -1027,11 +1073,12 @@ def build_loader(
     pin_memory: bool = False,
     collate_fn: Callable[[list], Any] | None = None,
 ) -> DataLoader:
-    """A loader for one epoch of one rank: ``ShardedSampler`` order, batches of ``batch_size``: ``PixelBatch``es
-    (uint8, normalised by ``to(device)`` on the device, or on the CPU by ``.images``, to the values a ``Batch``
-    would hold) when the dataset's transform is openmae's ``ImageTransform`` (``EncodedBatch``es, JPEGs decoded
-    by ``to(device)``, when its ``decode`` is "gpu"), else ``collate``d ``Batch``es, or
-    what ``collate_fn`` makes of the samples (openmae.dense's segmentation and detection batches).
+    """A loader for one epoch of one rank: ``ShardedSampler`` order, ``collate``d ``Batch``es of ``batch_size``,
+    or what ``collate_fn`` makes of the samples (openmae.dense's segmentation and detection batches).
+
+    With openmae's ``ImageTransform`` the workers send ``PixelBatch``es: uint8, a quarter of float32's bytes
+    through shared memory and to a GPU, normalised by ``to(device)`` on the device (``.images`` on the CPU),
+    to the values of ``dataset[i]``; with ``decode`` "gpu", ``EncodedBatch``es, JPEGs decoded by ``to(device)``.
 
     A dataset read from shards is streamed instead (``shuffle``): each rank and worker reads shards of its own,
     in the order :func:`openmae.shards.rank_order` gives.

@@ -135,12 +135,22 @@ def test_grayscale_and_cmyk_jpegs(tmp_path):
 def test_exif_orientation_is_honoured(tmp_path, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
+    exif[0x010F] = "camera"  # another tag before it
+    exif.endian = ">" if orientation % 2 else "<"  # big- and little-endian TIFF blocks
     path = jpeg(tmp_path / "o.jpg", size=(40, 24), exif=exif.tobytes())
     fast = open_image(path, 3)
     exact = decode_image(path, 3)  # PIL's exif_transpose
     assert isinstance(fast, JpegImage) and fast.size == tuple(exact.shape[-2:])
     assert torch.equal(fast.decode(1), exact)
     assert fast.decode(2).shape[-2:] == (-(-exact.shape[1] // 2), -(-exact.shape[2] // 2))
+
+
+def test_xmp_orientation_is_honoured_as_pil_reads_it(tmp_path):
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    path = jpeg(tmp_path / "x.jpg", size=(40, 24), xmp=xmp)
+    fast, exact = open_image(path, 3), decode_image(path, 3)
+    assert exact.shape == (3, 40, 24) and fast.size == (40, 24) and torch.equal(fast.decode(1), exact)
 
 
 def test_bad_jpegs_still_count_as_bad_images(tmp_path):
@@ -218,7 +228,7 @@ def test_tiny_and_huge_crops(tmp_path):
     fast, exact = build_dataset(huge), build_dataset(dataclass_replace(huge, decode="exact"))
     decoded = []
     image = open_image(big, 3)
-    image.decode = lambda k, decode=image.decode: decoded.append(k) or decode(k)  # noqa: E731 -- spy
+    image.decode = lambda k, decode=image.decode: decoded.append(k) or decode(k)  # a spy on the reduction
     fast.transform.pixels(image)
     assert decoded == [8]  # 900 px rows at 1/8 scale still give the 16 px output 112 rows
     a, b = fast.sample(0, normalize=False)[0].float(), exact.sample(0, normalize=False)[0].float()
@@ -235,9 +245,9 @@ def test_uint8_batches_normalise_to_the_per_sample_values(tmp_path):
     root = jpeg_folder(tmp_path / "data", count=8)
     ds = build_dataset(folder(root, 16), seed=5)
     assert isinstance(ds.transform, ImageTransform)
+    expected = collate([ds[i] for i in range(8)])
     batch = next(iter(build_loader(ds, batch_size=8, shuffle=False, num_workers=2)))
     assert isinstance(batch, PixelBatch) and batch.pixels.dtype == torch.uint8
-    expected = collate([ds[i] for i in range(8)])
     on_device = batch.to("cpu")
     assert isinstance(on_device, Batch) and on_device.images.dtype == torch.float32
     assert torch.equal(on_device.images, expected.images) and torch.equal(batch.images, expected.images)
