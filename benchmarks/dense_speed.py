@@ -18,7 +18,7 @@ torch.utils.flop_counter) does not depend on the machine.
 
 Measured 2026-11-25 on the 2-core AMD EPYC development VM (AVX2, shared with other jobs: wall time
 varies with their load, cpu s less), ``--device cpu --batch-size 2 --steps 2 --warmup 1 --threads 1
---precision fp32``; params include UperNet (512 channels, about 30M):
+--precision fp32``; params include the pyramid and UperNet (512 channels):
 
     vit_base_patch16      120.9M  2138.4 GFLOP/img  109.34 s/step  0.018 img/s  cpu 69.93 s  peak RSS 7453 MiB (+6265)
     convvit_base_patch16  117.1M  2430.7 GFLOP/img  100.08 s/step  0.020 img/s  cpu 75.22 s  peak RSS 8477 MiB (+7302)
