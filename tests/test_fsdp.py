@@ -1,11 +1,12 @@
 """FSDP (FSDP2, ``fully_shard``) and activation checkpointing: the same training as DDP and one process.
 
 Two gloo processes on the CPU train a tiny MAE under FSDP, then under DDP and FSDP in turn, each
-resuming the other's checkpoint; one process trains the same global batch. All end at the same
+resuming the other's checkpoint, then with compiled blocks; one process trains the same global batch. All end at the same
 weights (float tolerance: FSDP reduce-scatters where DDP all-reduces), and FSDP's checkpoint is the
 same single file one process writes.
 """
 
+import functools
 import json
 import os
 import socket
@@ -17,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 import openmae
 from openmae.checkpoint import checkpoint_name, load_training_state
 from openmae.commands.pretrain import run_pretrain
 from openmae.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
-from openmae.distributed import checkpoint_activations, transformer_blocks
+from openmae.distributed import DistInfo, checkpoint_activations, parallelize, transformer_blocks
 from openmae.io import read_safetensors
+from openmae.optim import build_adamw, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
@@ -31,7 +34,7 @@ TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 
 CONVMAE = dict(embed_dim=(16, 32, 48), depth=(1, 1, 2), num_heads=2, decoder_embed_dim=16, decoder_depth=1,
                decoder_num_heads=2)
 STEPS = 4  # 128 images, global batch 32
-TIMEOUT_S = 240  # both ranks, three short runs: two cold torch imports (~10 s each on 2 busy cores), then seconds a run
+TIMEOUT_S = 240  # both ranks, four short runs: two cold torch imports (~10 s each on 2 busy cores), then seconds a run
 
 
 def config(out: Path, batch_size: int, **train) -> PretrainConfig:
@@ -55,6 +58,33 @@ def _rank_runs(root: str) -> None:
                         resume=str(root / "fsdp" / checkpoint_name(2))))
     run_pretrain(config(root / "fsdp_from_ddp", 8, accum_steps=2, strategy="fsdp", activation_checkpointing=True,
                         recon_every=0, resume=str(root / "ddp_from_fsdp" / checkpoint_name(3))))
+    _compiled_blocks(root)
+
+
+def _compiled_blocks(root: Path) -> None:
+    """FSDP with every block compiled (and checkpointed) trains as FSDP without: two steps each,
+    the gathered weights saved by rank 0. The aot_eager backend traces what inductor would compile
+    (graphs, recomputation, FSDP's hooks left outside) without minutes of C++ builds."""
+    compile_ = torch.compile
+    torch.compile = functools.partial(compile_, backend="aot_eager")
+    rank = dist.get_rank()
+    try:
+        for name, fancy in (("fsdp_plain", False), ("fsdp_compiled", True)):
+            torch.manual_seed(0)
+            model = openmae.create_model("mae_vit_tiny_patch4", **dict(TINY_MODEL, img_size=16))
+            parallel = parallelize(model, DistInfo(rank, 2), torch.device("cpu"), strategy="fsdp", compile=fancy,
+                                   activation_checkpointing=fancy)
+            opt = build_adamw(param_groups(model, 0.05, model.no_weight_decay()), 1e-3, (0.9, 0.95))
+            for step in range(2):
+                torch.manual_seed(10 * step + rank)  # each rank its own images and masks
+                parallel.module(torch.randn(4, 1, 16, 16), mask_ratio=0.75).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            state, _ = parallel.state_dicts(opt)
+            if rank == 0:
+                save_file(state, str(root / f"{name}.safetensors"))
+    finally:
+        torch.compile = compile_
 
 
 def _free_port() -> int:
@@ -111,6 +141,8 @@ def test_fsdp_ddp_and_one_process_train_alike_and_share_checkpoints(tmp_path, on
     # DDP's step-3 checkpoint, resumed from FSDP's step 2, equals one process's
     assert_close(load_training_state(tmp_path / "ddp_from_fsdp" / checkpoint_name(3))["model"],
                  load_training_state(single / checkpoint_name(3))["model"], "ddp_from_fsdp")
+    assert_close(weights(tmp_path / "fsdp_compiled.safetensors"), weights(tmp_path / "fsdp_plain.safetensors"),
+                 "compiled blocks")
     # the hooks ran on the full model gathered from the shards (rank 0 alone draws it)
     assert (tmp_path / "fsdp" / "reconstructions" / "epoch_0001.png").exists()
 
